@@ -82,7 +82,8 @@ def make_draft_config(
     vocab = int(target_config.vocab_size)
     if not 0 <= mask_token_id < vocab:
         raise ValueError(f"mask_token_id={mask_token_id} is outside the target vocabulary [0, {vocab}).")
-    head_dim = int(getattr(target_config, "head_dim", None) or target_config.hidden_size // target_config.num_attention_heads)
+    heads = int(target_config.num_attention_heads)
+    head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // heads
     rope = dict(getattr(target_config, "rope_parameters", None) or {"rope_type": "default"})
     rope.setdefault("rope_theta", getattr(target_config, "rope_theta", 10000.0))
     return _qwen3_config_class()(
@@ -93,7 +94,7 @@ def make_draft_config(
         num_hidden_layers=int(num_hidden_layers),
         num_attention_heads=int(target_config.num_attention_heads),
         num_key_value_heads=int(target_config.num_key_value_heads),
-        head_dim=head_dim,
+        head_dim=int(head_dim),
         hidden_act="silu",
         attention_bias=False,
         rms_norm_eps=float(target_config.rms_norm_eps),

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Benchmark DFlash speculative decoding against an explicit KV-cache greedy loop (CPU or GPU).
+
+Every prompt is decoded twice, by the baseline and by the speculative loop, and
+the outputs are checked token for token. Writes artifacts/dflash_bench/bench_<UTC>.json
+and a PNG histogram of accepted lengths.
+
+Examples:
+  python scripts/dflash_benchmark.py --target tiny --draft oracle
+  python scripts/dflash_benchmark.py --target /path/to/gpt-oss-20b --draft /path/to/draft --chat --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dflash_gptoss.benchmark import BenchSettings, benchmark_snapshot, summary_lines, write_report  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="tiny",
+                   help="GPT-OSS Hugging Face snapshot folder (config.json + safetensors + tokenizer), or 'tiny' "
+                        "for the embedded tiny teacher (built on first use, then cached). Default: tiny.")
+    p.add_argument("--draft", default="random",
+                   help="a DFlash draft folder (config.json + model.safetensors), or one of two diagnostic drafts: "
+                        "'oracle' (proposes the target's own greedy continuation: the loop's ceiling) or 'random' "
+                        "(an untrained DFlash draft: the floor). Default: random.")
+    p.add_argument("--prompts-file", default=None,
+                   help="JSONL, one object per line with 'input_ids', 'messages' (chat) or 'prompt' (text). "
+                        "Default: held-out stdlib prompts for the tiny teacher, or built-in chat prompts with --chat.")
+    p.add_argument("--num-prompts", type=int, default=20, help="how many prompts to run (default 20).")
+    p.add_argument("--prompt-tokens", type=int, default=64,
+                   help="length of each held-out prompt when no --prompts-file is given (default 64).")
+    p.add_argument("--chat", action="store_true",
+                   help="render prompts with the tokenizer's chat template (Harmony for gpt-oss).")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128).")
+    p.add_argument("--block-size", type=int, default=8,
+                   help="DFlash block size B: anchor + B-1 proposals per target verify (default 8).")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="target and draft dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    p.add_argument("--out-dir", default=str(REPO / "artifacts" / "dflash_bench"),
+                   help="where bench_<UTC timestamp>.json and its PNG go (default artifacts/dflash_bench).")
+    p.add_argument("--random-draft-layers", type=int, default=1, help="layers of the 'random' draft (default 1).")
+    p.add_argument("--num-context-features", type=int, default=None,
+                   help="K target layers feeding the 'random' draft (default: min(5, layers-3)).")
+    p.add_argument("--mask-token-id", type=int, default=None,
+                   help="MASK id for the 'random' draft (default: the tokenizer's <|mask|>, else 200000).")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop a prompt at the tokenizer's EOS (default: always generate --max-new-tokens).")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run.")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompt selection and the random draft.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = BenchSettings(
+        max_new_tokens=args.max_new_tokens, block_size=args.block_size, draft=args.draft,
+        random_draft_layers=args.random_draft_layers, num_context_features=args.num_context_features,
+        mask_token_id=args.mask_token_id, warmup=not args.no_warmup, seed=args.seed,
+    )
+    try:
+        report = benchmark_snapshot(
+            args.target, settings, prompts_file=args.prompts_file, num_prompts=args.num_prompts,
+            prompt_tokens=args.prompt_tokens, chat=args.chat, device=args.device, dtype=args.dtype,
+            stop_at_eos=args.stop_at_eos,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    json_path, png_path = write_report(report, args.out_dir)
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {json_path} and {png_path}")
+    return 0 if report["lossless_all"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
