@@ -60,9 +60,19 @@ def check_gpt_oss_snapshot(snapshot_dir: str | Path) -> Path:
 
 
 def load_target(snapshot_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """The frozen GPT-OSS target in eval mode on ``device``."""
+    """The frozen GPT-OSS target in eval mode on ``device``.
+
+    The real gpt-oss snapshots store experts in MXFP4; they are dequantized to
+    ``dtype`` at load, so the benchmark measures the bf16 model DESIGN.md names.
+    """
     path = check_gpt_oss_snapshot(snapshot_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    kwargs = {}
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -13,3 +13,15 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir() -> Path:
+    """The embedded tiny GPT-OSS teacher snapshot (built once per machine, then reused)."""
+    from dflash_gptoss.tiny_teacher import ensure_tiny_teacher
+
+    return ensure_tiny_teacher(progress=False)

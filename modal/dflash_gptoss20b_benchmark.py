@@ -1,0 +1,76 @@
+"""Modal app: the DFlash benchmark on one H100 with bf16 openai/gpt-oss-20b.
+
+It only wraps the library's ``benchmark_snapshot`` (the same code the local CLI
+runs); Harmony-formatted chat prompts come from the gpt-oss tokenizer's template.
+Volumes: ``gptoss-weights`` caches the Hugging Face snapshot, ``dflash-drafts``
+holds exported draft folders (``config.json`` + ``model.safetensors``).
+
+  modal run modal/dflash_gptoss20b_benchmark.py --draft oracle
+  modal volume put dflash-drafts ./exported_draft /my-draft
+  modal run modal/dflash_gptoss20b_benchmark.py --draft /drafts/my-draft --max-new-tokens 256
+
+The JSON and PNG land in artifacts/dflash_bench/ on the machine that ran ``modal run``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import modal
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODEL_ID = "openai/gpt-oss-20b"
+WEIGHTS_DIR = "/weights"
+DRAFTS_DIR = "/drafts"
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(
+        "torch>=2.6", "transformers~=5.5.0", "safetensors>=0.4.5", "huggingface_hub>=1.0", "tokenizers>=0.22",
+        "matplotlib>=3.8", "tqdm>=4.66", "numpy>=1.26", "ml_dtypes>=0.4", "accelerate>=1.0",
+    )
+    .add_local_python_source("dflash_gptoss")
+)
+weights = modal.Volume.from_name("gptoss-weights", create_if_missing=True)
+drafts = modal.Volume.from_name("dflash-drafts", create_if_missing=True)
+app = modal.App("dflash-gptoss20b-benchmark")
+
+
+@app.function(gpu="H100", image=image, volumes={WEIGHTS_DIR: weights, DRAFTS_DIR: drafts}, timeout=3 * 3600)
+def benchmark(draft: str = "oracle", max_new_tokens: int = 256, block_size: int = 8, num_prompts: int = 8,
+              prompts_jsonl: str | None = None) -> dict:
+    """Download (once) the snapshot into the weights volume, then run the shared benchmark on the GPU."""
+    import tempfile
+
+    from huggingface_hub import snapshot_download
+
+    from dflash_gptoss.benchmark import BenchSettings, benchmark_snapshot
+
+    snapshot = snapshot_download(MODEL_ID, cache_dir=WEIGHTS_DIR)
+    weights.commit()
+    prompts_file = None
+    if prompts_jsonl:
+        prompts_file = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+        prompts_file.write_text(prompts_jsonl)
+    settings = BenchSettings(max_new_tokens=max_new_tokens, block_size=block_size, draft=draft)
+    report = benchmark_snapshot(snapshot, settings, prompts_file=str(prompts_file) if prompts_file else None,
+                                num_prompts=num_prompts, chat=True, device="cuda", dtype="bfloat16")
+    report["teacher"] = f"{MODEL_ID} (bf16)"
+    return report
+
+
+@app.local_entrypoint()
+def main(draft: str = "oracle", max_new_tokens: int = 256, block_size: int = 8, num_prompts: int = 8,
+         prompts_file: str = "") -> None:
+    from dflash_gptoss.benchmark import summary_lines, write_report
+
+    text = Path(prompts_file).read_text() if prompts_file else None
+    report = benchmark.remote(draft=draft, max_new_tokens=max_new_tokens, block_size=block_size,
+                              num_prompts=num_prompts, prompts_jsonl=text)
+    json_path, png_path = write_report(report, REPO / "artifacts" / "dflash_bench")
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {json_path} and {png_path}")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment .venv inside the repo, idempotently.
+#
+# Installs the package in editable mode with every extra (torch side, JAX/EasyDeL side,
+# Modal, dev tools) into ONE environment: easydel 0.3.0 pins transformers~=5.5 and
+# flax==0.12.3, and the torch side uses the same transformers.
+# Torch: when this machine's pip offers a torch wheel locally (its find-links, e.g. a CPU
+# build), that one is used; otherwise pip installs torch the normal way from the index.
+# Re-running is cheap: nothing is reinstalled unless pyproject.toml changed.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DFLASH_VENV:-$REPO/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "error: $PYTHON is $("$PYTHON" --version 2>&1); this project needs Python >= 3.11 (set PYTHON=...)." >&2
+  exit 2
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+stamp="$VENV/.dflash_gptoss_installed"
+want="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  if "$VENV/bin/pip" install -q --no-index --no-deps torch 2>/dev/null; then
+    echo "[setup] torch: installed the wheel this machine offers locally ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
+  else
+    echo "[setup] torch: no local wheel offered; installing from the package index"
+  fi
+fi
+echo "[setup] installing dflash_gptoss with extras torch,jax,modal,dev (a few minutes the first time)"
+"$VENV/bin/pip" install -q -e "$REPO[torch,jax,modal,dev]"
+echo "$want" > "$stamp"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, jax, easydel; print(f"torch {torch.__version__}, transformers {transformers.__version__}, jax {jax.__version__}, easydel {easydel.__version__}")' 2>/dev/null | tail -1)"
