@@ -1,0 +1,156 @@
+"""The JAX teacher: easydel's GPT-OSS, loaded from a Hugging Face snapshot, equal to transformers.
+
+The teacher cache's features are computed here and consumed by a draft that, at inference,
+is fed by transformers' ``GptOssForCausalLM``. Any difference between the two silently
+trains the draft on features it never sees, so this module only ever builds the model
+through :mod:`dflash_gptoss.easydel_gptoss_fixes` (which corrects easydel 0.3.0 where it
+differs from transformers) and loads weights itself, straight from the safetensors files
+(float or MXFP4), never through a torch model (easydel's torch path loads in float16).
+
+Feature convention: index ``l`` in ``layer_ids`` is the OUTPUT of decoder layer ``l``
+(transformers' ``hidden_states[l+1]``). easydel's ``hidden_states`` are the INPUTS of each
+layer, so the forward runs the decoder layers itself and records the outputs it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def read_snapshot_config(snapshot_dir: str | Path) -> dict[str, Any]:
+    """Validated ``config.json`` of a GPT-OSS snapshot folder (ValueError otherwise)."""
+    path = Path(snapshot_dir)
+    if not path.is_dir():
+        raise ValueError(f"teacher snapshot dir {str(path)!r} does not exist; pass a folder holding "
+                         "config.json and model.safetensors (a Hugging Face snapshot)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"teacher snapshot dir {str(path)!r} has no config.json; pass a Hugging Face "
+                         "snapshot folder")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") != "gpt_oss":
+        raise ValueError(f"snapshot {str(path)!r} has model_type={cfg.get('model_type')!r}, expected "
+                         "'gpt_oss'; pass a GPT-OSS snapshot (e.g. openai/gpt-oss-20b or the tiny teacher)")
+    if not sorted(path.glob("*.safetensors")):
+        raise ValueError(f"snapshot {str(path)!r} holds no *.safetensors weights")
+    return cfg
+
+
+def validate_layout(cfg: dict[str, Any], layer_ids: list[int], dp: int, tp: int, dtype: str) -> None:
+    """Check layer ids, mesh sizes and dtype up front, with the value and the fix in the message."""
+    n_layers = int(cfg["num_hidden_layers"])
+    bad = [i for i in layer_ids if not 0 <= int(i) < n_layers]
+    if not layer_ids or bad:
+        raise ValueError(f"layer_ids {list(layer_ids)} invalid for a {n_layers}-layer teacher: give a non-empty "
+                         f"list of decoder-layer indices in [0, {n_layers - 1}]")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} not supported; use one of {_DTYPES}")
+    if dp < 1 or tp < 1:
+        raise ValueError(f"dp={dp}, tp={tp}: both must be >= 1")
+    for name in ("num_attention_heads", "vocab_size"):  # kv heads may be fewer than tp (easydel replicates)
+        if int(cfg[name]) % tp:
+            raise ValueError(f"{name}={cfg[name]} is not divisible by tp={tp}; easydel shards it over tp, "
+                             "choose a tp that divides it")
+    import jax
+
+    if dp * tp != jax.device_count():
+        raise ValueError(f"dp*tp = {dp}*{tp} = {dp * tp} but {jax.device_count()} devices are visible; easydel's "
+                         "mesh uses every device: choose dp*tp equal to the device count (on CPU, "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+
+
+class JaxTeacher:
+    """easydel GPT-OSS teacher, jitted and sharded over a ``dp`` x ``tp`` mesh.
+
+    ``forward`` returns the concatenated outputs of ``layer_ids`` (the context features)
+    and the greedy labels (argmax of the logits), both computed on device in one jitted
+    function per input shape; ``embed`` returns frozen input-embedding rows.
+    """
+
+    def __init__(self, snapshot_dir: str | Path, layer_ids: list[int], *, dp: int = 1, tp: int = 1,
+                 dtype: str = "float32") -> None:
+        cfg = read_snapshot_config(snapshot_dir)
+        self.layer_ids = [int(i) for i in layer_ids]
+        validate_layout(cfg, self.layer_ids, dp, tp, dtype)
+        from transformers import GptOssConfig
+
+        from dflash_gptoss.easydel_gptoss_fixes import load_easydel_gptoss
+
+        self.snapshot_dir = Path(snapshot_dir)
+        self.config = GptOssConfig.from_pretrained(str(self.snapshot_dir))
+        self.dp, self.tp, self.dtype = dp, tp, dtype
+        self.model = load_easydel_gptoss(self.snapshot_dir, dp=dp, tp=tp, dtype=dtype)
+        self.mesh = self.model.mesh
+        self._embedding = None
+        self._build()
+
+    def _build(self) -> None:
+        """Split the nnx model once and jit the forward (retraced only per new input shape)."""
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
+
+        graphdef, state = nnx.split(self.model)
+        layer_ids = tuple(self.layer_ids)
+        out_dtype = jnp.float32 if self.dtype == "float32" else jnp.bfloat16
+        self._state = state
+        self._in_sharding = NamedSharding(self.mesh, PartitionSpec("dp", None))
+        feat_sharding = NamedSharding(self.mesh, PartitionSpec("dp", None, None))
+
+        def _fwd(state, input_ids):
+            model = nnx.merge(graphdef, state)
+            feats, logits = decoder_forward(model, input_ids, layer_ids)
+            features = jnp.concatenate([f.astype(out_dtype) for f in feats], axis=-1)
+            labels = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+            return features, labels
+
+        def _logits(state, input_ids):
+            model = nnx.merge(graphdef, state)
+            return decoder_forward(model, input_ids, ())[1].astype(jnp.float32)
+
+        self._fwd = jax.jit(_fwd, out_shardings=(feat_sharding, self._in_sharding))
+        self._logits = jax.jit(_logits)
+
+    def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int32 ``[b, T]`` -> (features ``[b, T, K*H]`` in ``dtype``, labels int32 ``[b, T]``)."""
+        ids_dev = self._device_ids(input_ids)
+        with self.mesh:
+            features, labels = self._fwd(self._state, ids_dev)
+        return np.asarray(features), np.asarray(labels)
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """float32 logits ``[b, T, V]`` (for parity checks; the cache never needs them)."""
+        ids_dev = self._device_ids(input_ids)
+        with self.mesh:
+            return np.asarray(self._logits(self._state, ids_dev))
+
+    def _device_ids(self, input_ids: np.ndarray):
+        """Validate ``input_ids`` and place them on the mesh, batch sharded over dp."""
+        import jax
+
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, T], got shape {ids.shape}")
+        if ids.shape[0] % self.dp:
+            raise ValueError(f"batch size {ids.shape[0]} is not divisible by dp={self.dp}; pad or regroup the "
+                             f"batch to a multiple of {self.dp}")
+        vocab = int(self.config.vocab_size)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"input_ids outside [0, {vocab}): min {ids.min()}, max {ids.max()}")
+        return jax.device_put(ids.astype(np.int32), self._in_sharding)
+
+    def embed(self, token_ids: np.ndarray) -> np.ndarray:
+        """Rows of the frozen input embedding table (float32), e.g. for anchor embeddings."""
+        if self._embedding is None:
+            table = self.model.model.embed_tokens.embedding.value
+            self._embedding = np.asarray(table, dtype=np.float32)
+        return self._embedding[np.asarray(token_ids, dtype=np.int64)]

@@ -1,0 +1,253 @@
+"""The JAX teacher (easydel GPT-OSS + our corrections) equals transformers' GptOssForCausalLM.
+
+A tiny random GPT-OSS (6 layers, sliding window 32, sinks, YaRN, 4 experts top-2) with its
+router scaled so routing weights are far from uniform, float32 on a dp=2 x tp=4 CPU mesh,
+T=96 > window. Each easydel correction gets one test: the model built WITHOUT it (stock
+easydel for that point) is far from transformers, the model with all of them is not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("easydel")
+
+SEED = 0
+ROUTER_SCALE = 30.0
+T = 96
+BATCH = 4
+LAYER_IDS = [1, 3, 5]  # includes the last layer, whose raw output easydel never exposes
+ATOL_F32 = 1e-5  # max abs diff, features (|h| ~ 1) and logits, float32
+ABLATION_T = 64
+
+
+def _write_snapshot(path: Path, num_layers: int) -> Path:
+    """Seeded random tiny GPT-OSS saved as a HF snapshot, router scaled (peaked routing)."""
+    from transformers import GptOssForCausalLM
+
+    from dflash_gptoss.tiny_teacher import tiny_gptoss_config
+
+    torch.manual_seed(SEED)
+    model = GptOssForCausalLM(tiny_gptoss_config(num_hidden_layers=num_layers)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.weight.mul_(ROUTER_SCALE)
+    model.save_pretrained(path)
+    return path
+
+
+def _input_ids(vocab: int, batch: int, length: int) -> np.ndarray:
+    return np.random.default_rng(SEED).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def _torch_reference(snapshot: Path, ids: np.ndarray, layer_ids: list[int], **load_kwargs) -> dict:
+    """transformers float32: raw outputs of ``layer_ids`` (forward hooks), logits, top-k routing weights."""
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM.from_pretrained(snapshot, dtype=torch.float32, **load_kwargs).float().eval()
+    outs: dict[int, torch.Tensor] = {}
+    routing: list[torch.Tensor] = []
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda _m, _a, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i in layer_ids]
+    hooks += [layer.mlp.router.register_forward_hook(lambda _m, _a, out: routing.append(out[1]))
+              for layer in model.model.layers]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids).long()).logits
+    for h in hooks:
+        h.remove()
+    feats = np.concatenate([outs[i].numpy() for i in layer_ids], axis=-1)
+    return {"features": feats, "logits": logits.numpy(), "routing": [r.numpy() for r in routing]}
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory) -> Path:
+    return _write_snapshot(tmp_path_factory.mktemp("tiny_gptoss") / "snap", 6)
+
+
+@pytest.fixture(scope="module")
+def ids(snapshot) -> np.ndarray:
+    from transformers import GptOssConfig
+
+    return _input_ids(GptOssConfig.from_pretrained(snapshot).vocab_size, BATCH, T)
+
+
+@pytest.fixture(scope="module")
+def reference(snapshot, ids) -> dict:
+    return _torch_reference(snapshot, ids, LAYER_IDS)
+
+
+@pytest.fixture(scope="module")
+def teacher(snapshot):
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    return JaxTeacher(snapshot, LAYER_IDS, dp=2, tp=4, dtype="float32")
+
+
+def test_routing_far_from_uniform(reference):
+    """The router scaling makes routing weights peaked, so a flattened routing shows up."""
+    top1 = np.concatenate([np.sort(r, axis=-1)[:, -1] for r in reference["routing"]])
+    assert top1.mean() > 0.7, top1.mean()
+
+
+def test_float32_parity(teacher, reference, ids):
+    features, labels = teacher.forward(ids)
+    logits = teacher.logits(ids)
+    assert features.dtype == np.float32 and labels.dtype == np.int32
+    assert features.shape == (BATCH, T, len(LAYER_IDS) * teacher.config.hidden_size)
+    feat_diff = np.abs(features - reference["features"]).max()
+    logit_diff = np.abs(logits - reference["logits"]).max()
+    agree = (labels == reference["logits"].argmax(-1)).mean()
+    print(f"float32 dp=2 tp=4: max|features| diff {feat_diff:.2e}, max|logits| diff {logit_diff:.2e}, "
+          f"argmax agreement {agree:.4f}")
+    assert feat_diff < ATOL_F32 and logit_diff < ATOL_F32
+    assert agree == 1.0
+    np.testing.assert_array_equal(labels, logits.argmax(-1))
+
+
+def test_embed_is_the_snapshot_table(teacher, snapshot):
+    """Weights are read exactly (no float16 detour): embedding rows equal the file's."""
+    from safetensors import safe_open
+
+    with safe_open(str(snapshot / "model.safetensors"), framework="pt") as f:
+        table = f.get_tensor("model.embed_tokens.weight").float().numpy()
+    tok = np.array([0, 7, table.shape[0] - 1])
+    np.testing.assert_array_equal(teacher.embed(tok), table[tok])
+
+
+def test_bfloat16_argmax_agreement(snapshot, reference, ids):
+    """bf16 teacher vs transformers float32: features close, greedy labels mostly equal."""
+    import ml_dtypes
+
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    features, labels = JaxTeacher(snapshot, LAYER_IDS, dp=2, tp=4, dtype="bfloat16").forward(ids)
+    assert features.dtype == np.dtype(ml_dtypes.bfloat16)
+    agree = (labels == reference["logits"].argmax(-1)).mean()
+    diff = np.abs(features.astype(np.float32) - reference["features"]).max()
+    print(f"bfloat16 vs transformers float32: argmax agreement {agree:.4f}, max|features| diff {diff:.3f}")
+    assert agree > 0.9
+    assert diff < 0.25
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(layer_ids=[6]), "layer_ids"),
+    (dict(layer_ids=[-1]), "layer_ids"),
+    (dict(tp=3), "divisible by tp=3"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(dp=2, tp=2), "device count"),
+])
+def test_clear_errors(snapshot, bad, match):
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    kwargs = dict(layer_ids=[1], dp=1, tp=1, dtype="float32") | bad
+    with pytest.raises(ValueError, match=match):
+        JaxTeacher(snapshot, kwargs.pop("layer_ids"), **kwargs)
+
+
+def test_clear_errors_snapshot(tmp_path):
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    with pytest.raises(ValueError, match="does not exist"):
+        JaxTeacher(tmp_path / "missing", [0])
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        JaxTeacher(tmp_path, [0])
+
+
+def test_batch_not_divisible_by_dp(teacher, ids):
+    with pytest.raises(ValueError, match="divisible by dp=2"):
+        teacher.forward(ids[:3])
+
+
+# --------------------------------------------------------------- one test per correction
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict:
+    """2-layer snapshot (one sliding, one full) and its transformers reference, for the ablations."""
+    from transformers import GptOssConfig
+
+    snap = _write_snapshot(tmp_path_factory.mktemp("tiny_gptoss2") / "snap", 2)
+    ids = _input_ids(GptOssConfig.from_pretrained(snap).vocab_size, 2, ABLATION_T)
+    return {"snapshot": snap, "ids": ids, "ref": _torch_reference(snap, ids, [0, 1])}
+
+
+def _max_diff(small: dict, fixes: frozenset[str]) -> float:
+    """max |output of layers 0, 1 - transformers| for an easydel model with only ``fixes`` applied."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dflash_gptoss.easydel_gptoss_fixes import decoder_forward, load_easydel_gptoss
+
+    model = load_easydel_gptoss(small["snapshot"], dp=2, tp=4, dtype="float32", fixes=fixes)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids):
+        outs, _ = decoder_forward(nnx.merge(graphdef, state), ids, (0, 1))
+        return jnp.concatenate(outs, axis=-1)
+
+    with model.mesh:
+        feats = np.asarray(run(state, jnp.asarray(small["ids"])))
+    return float(np.abs(feats - small["ref"]["features"]).max())
+
+
+@pytest.fixture(scope="module")
+def fixed_diff(small) -> float:
+    from dflash_gptoss.easydel_gptoss_fixes import ALL_FIXES
+
+    return _max_diff(small, ALL_FIXES)
+
+
+@pytest.mark.parametrize("fix", ["attn_dtype", "moe_dtype", "sliding_window", "rope", "routing"])
+def test_each_correction_is_needed(small, fixed_diff, fix):
+    """Dropping one correction (stock easydel on that point) moves the layers far from transformers."""
+    from dflash_gptoss.easydel_gptoss_fixes import ALL_FIXES
+
+    stock_diff = _max_diff(small, ALL_FIXES - {fix})
+    print(f"without {fix}: max diff {stock_diff:.2e}; with all corrections: {fixed_diff:.2e}")
+    assert fixed_diff < ATOL_F32
+    assert stock_diff > 100 * ATOL_F32
+
+
+def test_easydel_torch_loader_defaults_to_float16(snapshot):
+    """Hypothesis 1: easydel's torch path ("full" mode, the default) builds the torch model in float16."""
+    from easydel.modules.gpt_oss import GptOssConfig as EdConfig
+    from easydel.modules.gpt_oss import GptOssForCausalLM as EdModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    _, _, state = EdModel._load_full_torch_checkpoint(
+        pretrained_model_name_or_path=str(snapshot), config_class=EdConfig, hub_kwargs={},
+        torch_loader=AutoModelForCausalLM, clear_fn=lambda: None, kwargs={})
+    emb = state["model.embed_tokens.weight"]
+    with safe_open(str(snapshot / "model.safetensors"), framework="pt") as f:
+        exact = f.get_tensor("model.embed_tokens.weight")
+    assert emb.dtype == torch.float16
+    assert (emb.float() - exact).abs().max() > 1e-6
+
+
+def test_rope_table_stock_vs_fixed(snapshot):
+    """Hypothesis 5 in isolation: stock table is bf16 (and uses the rounded YaRN range); ours is exact."""
+    import jax.numpy as jnp
+    from easydel.modules.gpt_oss import GptOssConfig as EdConfig
+
+    from dflash_gptoss import easydel_gptoss_fixes as fx
+
+    fx.install_patches()
+    cfg = EdConfig.from_pretrained(str(snapshot))
+    cfg.add_basic_configurations(sharding_axis_dims=(2, 1, 1, 4, 1))
+    fx.configure(cfg, {"rope_parameters": {"rope_theta": 10000.0}}, fx.ALL_FIXES)
+    ours = np.asarray(cfg.get_basic_frequencies().value)
+    stock = np.asarray(fx._ORIGINALS["get_basic_frequencies"](cfg).value)
+    assert stock.dtype == jnp.bfloat16 and ours.dtype == np.float32
+    want = fx._transformers_rope_table(cfg, ours.shape[0])
+    np.testing.assert_array_equal(ours, want)
+    # the bf16 cast alone is ~4e-3 at |cos| ~ 1; the rounded correction range moves angles further
+    stock_diff = np.abs(stock.astype(np.float32) - want).max()
+    print(f"RoPE table: stock easydel vs transformers max diff {stock_diff:.2e}; ours exact")
+    assert stock_diff > 1e-3
