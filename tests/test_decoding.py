@@ -97,7 +97,9 @@ def test_partially_right_draft_is_lossless_and_accepts_exactly_its_right_prefix(
         drafter = PrefixOracle(prompt + ref, model.config.vocab_size, rng)
         result = speculative_decode(runner, drafter, prompt, NEW_TOKENS, BLOCK)
         assert result.tokens == ref
-        assert result.accepted_lengths == [r + 1 for r in drafter.planned]
+        expected = [r + 1 for r in drafter.planned]
+        assert result.accepted_lengths[: len(expected)] == expected
+        assert result.accepted_lengths[len(expected) :] in ([], [1])  # a last 1-slot step needs no draft
 
 
 def test_stop_token_ends_both_loops_at_the_same_place(setup):

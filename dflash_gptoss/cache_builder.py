@@ -1,0 +1,656 @@
+"""Build the teacher cache: validate everything, then run the JAX teacher once and write.
+
+Order matters because the teacher is the expensive part: ``plan_teacher_cache``
+checks the snapshot, the layer-id rule, the window length against the model and
+the data, the out-dir's state and the size against free space, all without
+importing jax; only then is the teacher loaded.
+
+Windows: the data (JSONL documents, or the tiny teacher's corpus) is one token
+stream with EOS after every document. Window ``i`` starts at offset ``o_i`` drawn
+uniformly from ``[0, N - window_len]`` by ``np.random.default_rng(seed)``; windows
+may overlap and cross document boundaries (as in pretraining-style packing). The
+offsets are stored in ``window_offsets.npy`` so any row can be traced to its data.
+
+Throughput: the teacher forward runs on the main thread; converting to bf16 and
+writing the memmaps happens on a writer thread, so the next forward is dispatched
+while the previous chunk is written (the teacher releases the GIL while it waits for
+the device). Progress is checkpointed after every flushed chunk, and a build resumed
+with the same settings continues from the checkpoint with the same chunk boundaries
+(so the result is byte-identical to an uninterrupted build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dflash_gptoss.bf16 import to_bf16_bits
+from dflash_gptoss.cache_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYOUTS,
+    META_FILE,
+    PROGRESS_FILE,
+    ArraySpec,
+    all_array_files,
+    allocated_bytes,
+    array_specs,
+    cache_nbytes,
+    check_free_space,
+    create_memmaps,
+    mark_complete,
+    open_memmaps,
+    read_json,
+    read_progress,
+    settings_diff,
+    settings_of,
+    size_details,
+    window_len,
+    write_json_atomic,
+    write_progress,
+)
+from dflash_gptoss.config import target_layer_ids
+
+DTYPES = ("float32", "bfloat16")
+DEFAULT_DATA = "corpus:train"
+"""``data=None`` means the tiny teacher's training corpus (``corpus.token_stream(tok, "train")``)."""
+
+
+class CacheBuildError(ValueError):
+    """Bad input to the cache build, found before (or instead of) any teacher work."""
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs, validated; produced without touching jax."""
+
+    out_dir: Path
+    snapshot_dir: Path
+    layout: str
+    ctx_len: int
+    block_size: int
+    layer_ids: list[int]
+    num_windows: int
+    batch_size: int
+    dp: int
+    tp: int
+    dtype: str
+    tokens: np.ndarray
+    offsets: np.ndarray
+    specs: dict[str, ArraySpec]
+    meta: dict[str, Any]
+    nbytes: int
+    start_window: int = 0
+    already_complete: bool = False
+    stale_files: list[Path] = field(default_factory=list)
+
+    @property
+    def window_len(self) -> int:
+        return window_len(self.layout, self.ctx_len, self.block_size)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    windows_written: int
+    tokens_processed: int
+    seconds: float
+    meta: dict[str, Any]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_processed / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- validation
+def read_teacher_config(snapshot_dir: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a GPT-OSS snapshot; weights are checked later by the teacher itself."""
+    path = Path(snapshot_dir)
+    if not path.is_dir():
+        raise CacheBuildError(f"--model-snapshot-dir {path} does not exist (expected a Hugging Face snapshot folder).")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CacheBuildError(f"--model-snapshot-dir {path} has no config.json; it is not a model snapshot.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheBuildError(f"{cfg_path} is not valid JSON: {e}") from e
+    if cfg.get("model_type") != "gpt_oss":
+        raise CacheBuildError(
+            f"{cfg_path} has model_type={cfg.get('model_type')!r}; the teacher must be a GPT-OSS model "
+            "(model_type 'gpt_oss')."
+        )
+    missing = [k for k in ("hidden_size", "vocab_size", "num_hidden_layers") if k not in cfg]
+    if missing:
+        raise CacheBuildError(f"{cfg_path} lacks {missing}; cannot size the cache.")
+    return cfg
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if int(v) < 1:
+            raise CacheBuildError(f"{name} must be >= 1, got {v}.")
+
+
+def _check_settings(
+    *, layout: str, ctx_len: int, block_size: int, num_blocks: int, batch_size: int, dp: int, tp: int, dtype: str
+) -> None:
+    if layout not in LAYOUTS:
+        raise CacheBuildError(f"--layout must be one of {LAYOUTS}, got {layout!r}.")
+    if dtype not in DTYPES:
+        raise CacheBuildError(f"--dtype must be one of {DTYPES}, got {dtype!r}.")
+    _check_positive(ctx_len=ctx_len, num_blocks=num_blocks, batch_size=batch_size, dp=dp, tp=tp)
+    if block_size < 2:
+        raise CacheBuildError(f"block_size must be >= 2 (an anchor and at least one proposal), got {block_size}.")
+    if batch_size % dp:
+        raise CacheBuildError(
+            f"--batch-size {batch_size} is not divisible by --dp {dp}: every forward splits its windows "
+            f"evenly over the dp axis; use a multiple of {dp}."
+        )
+    if layout == "windows" and ctx_len < block_size:
+        raise CacheBuildError(
+            f"layout 'windows' needs ctx_len >= block_size so a block fits in a window, got {ctx_len} < {block_size}."
+        )
+
+
+def _layer_ids(cfg: dict[str, Any], num_context_features: int) -> list[int]:
+    try:
+        return target_layer_ids(int(cfg["num_hidden_layers"]), int(num_context_features))
+    except ValueError as e:
+        raise CacheBuildError(f"--num-context-features {num_context_features}: {e}") from e
+
+
+def _check_model_positions(cfg: dict[str, Any], layout: str, ctx_len: int, block_size: int) -> None:
+    limit = cfg.get("max_position_embeddings")
+    need = window_len(layout, ctx_len, block_size)
+    if limit is not None and need > int(limit):
+        raise CacheBuildError(
+            f"each window runs {need} tokens through the teacher (ctx_len + block_size - 1 = {ctx_len} + "
+            f"{block_size} - 1 in layout {layout!r}) but the model supports max_position_embeddings={limit}."
+        )
+
+
+# --------------------------------------------------------------------------- data
+def _eos_id(cfg: dict[str, Any], tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+    if eos is None:
+        raise CacheBuildError(
+            "no EOS id to join documents: the snapshot has no tokenizer with an EOS token and config.json "
+            "has no eos_token_id."
+        )
+    return int(eos)
+
+
+def _load_tokenizer(snapshot_dir: Path) -> Any:
+    if not (snapshot_dir / "tokenizer.json").is_file():
+        raise CacheBuildError(
+            f"{snapshot_dir} has no tokenizer.json; text data (and the default corpus) needs the teacher's "
+            'tokenizer. Pass --data with {"input_ids": [...]} lines instead.'
+        )
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(snapshot_dir))
+
+
+def _read_jsonl_docs(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise CacheBuildError(f"--data {path} does not exist.")
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CacheBuildError(f"--data {path}:{lineno} is not valid JSON: {e}") from e
+            if not isinstance(doc, dict) or ("text" not in doc and "input_ids" not in doc):
+                raise CacheBuildError(f'--data {path}:{lineno} needs a "text" or an "input_ids" field.')
+            docs.append(doc)
+    if not docs:
+        raise CacheBuildError(f"--data {path} holds no documents.")
+    return docs
+
+
+def load_token_stream(data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any]) -> np.ndarray:
+    """The data as one int32 token stream, every document followed by EOS."""
+    if data is None or str(data) == DEFAULT_DATA:
+        from dflash_gptoss import corpus
+
+        tokens = corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
+    else:
+        docs = _read_jsonl_docs(Path(data))
+        tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for d in docs) else None
+        eos = _eos_id(cfg, tokenizer)
+        pieces = []
+        for doc in docs:
+            ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
+            pieces += [np.asarray(ids, dtype=np.int64).reshape(-1), np.asarray([eos], dtype=np.int64)]
+        tokens = np.concatenate(pieces)
+    vocab = int(cfg["vocab_size"])
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise CacheBuildError(f"data token ids must lie in [0, {vocab}); found {tokens.min()}..{tokens.max()}.")
+    return np.ascontiguousarray(tokens, dtype=np.int32)
+
+
+def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int) -> np.ndarray:
+    """Seeded window starts, uniform over ``[0, num_tokens - window]`` (deterministic)."""
+    return np.random.default_rng(seed).integers(0, num_tokens - window + 1, size=num_windows, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- out dir
+def _known_files(out_dir: Path) -> list[Path]:
+    names = all_array_files() | {META_FILE, PROGRESS_FILE}
+    return [out_dir / n for n in sorted(names) if (out_dir / n).exists()]
+
+
+def _inspect_out_dir(
+    out_dir: Path, meta: dict[str, Any], *, resume: bool, overwrite: bool
+) -> tuple[int, bool, list[Path]]:
+    """(start window, already complete, files to delete) for this out-dir, or refuse."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CacheBuildError(f"--out-dir {out_dir} exists and is not a directory.")
+    nearest = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CacheBuildError(f"--out-dir {out_dir}: {nearest} is not writable.")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return 0, False, []
+    ours = _known_files(out_dir)
+    if overwrite:
+        return 0, False, ours
+    meta_path = out_dir / META_FILE
+    if not meta_path.is_file():
+        raise CacheBuildError(
+            f"--out-dir {out_dir} is not empty and holds no teacher cache ({META_FILE} missing); "
+            "choose an empty or new directory (or pass --overwrite to replace the cache files in it)."
+        )
+    try:
+        old = read_json(meta_path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CacheBuildError(f"{meta_path} is unreadable ({e}); pass --overwrite to rebuild.") from e
+    diff = settings_diff(settings_of(old), settings_of(meta))
+    if diff:
+        raise CacheBuildError(
+            f"--out-dir {out_dir} holds a DIFFERENT cache ("
+            + "; ".join(diff[:8])
+            + (" ..." if len(diff) > 8 else "")
+            + "). "
+            + ("--resume needs the same settings as the interrupted build. " if resume else "")
+            + "Pass --overwrite to replace it, or choose another --out-dir."
+        )
+    if old.get("complete"):
+        if resume:
+            return int(meta["num_windows"]), True, []
+        raise CacheBuildError(
+            f"--out-dir {out_dir} already holds this cache, complete. Pass --overwrite to rebuild it."
+        )
+    if not resume:
+        raise CacheBuildError(
+            f"--out-dir {out_dir} holds an interrupted build of this cache ({read_progress(out_dir)} of "
+            f"{meta['num_windows']} windows done). Pass --resume to continue it or --overwrite to start over."
+        )
+    return read_progress(out_dir), False, []
+
+
+# --------------------------------------------------------------------------- plan
+def _build_meta(
+    *,
+    cfg: dict[str, Any],
+    snapshot_dir: Path,
+    layout: str,
+    ctx_len: int,
+    block_size: int,
+    layer_ids: list[int],
+    num_windows: int,
+    specs: dict[str, ArraySpec],
+    data_source: str,
+    tokens: np.ndarray,
+    seed: int,
+    batch_size: int,
+    dp: int,
+    tp: int,
+    dtype: str,
+    nbytes: int,
+) -> dict[str, Any]:
+    """meta.json (with ``complete: false``); every key but ``complete``/``created_unix`` identifies the build."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "created_unix": int(time.time()),
+        "layout": layout,
+        "teacher": {
+            "snapshot_dir": str(snapshot_dir),
+            "model_type": cfg["model_type"],
+            "hidden_size": int(cfg["hidden_size"]),
+            "vocab_size": int(cfg["vocab_size"]),
+            "num_hidden_layers": int(cfg["num_hidden_layers"]),
+            "max_position_embeddings": cfg.get("max_position_embeddings"),
+        },
+        "target_layer_ids": layer_ids,
+        "num_context_features": len(layer_ids),
+        "ctx_len": ctx_len,
+        "block_size": block_size,
+        "window_len": window_len(layout, ctx_len, block_size),
+        "anchor_position": ctx_len if layout == "blocks" else None,
+        "num_windows": num_windows,
+        "num_blocks": num_windows if layout == "blocks" else None,
+        "arrays": {name: s.to_json() for name, s in specs.items()},
+        "data": {
+            "source": data_source,
+            "num_tokens": int(tokens.size),
+            "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "window_sampling": "window i starts at offset i of np.random.default_rng(seed).integers("
+            "0, num_tokens - window_len + 1, size=num_windows); documents joined with EOS",
+        },
+        "seed": seed,
+        "build": {"batch_size": batch_size, "dp": dp, "tp": tp, "dtype": dtype},
+        "nbytes": nbytes,
+    }
+
+
+def plan_teacher_cache(
+    model_snapshot_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    ctx_len: int,
+    block_size: int,
+    num_context_features: int,
+    num_blocks: int,
+    batch_size: int,
+    layout: str = "blocks",
+    data: str | os.PathLike | None = None,
+    seed: int = 0,
+    dp: int = 1,
+    tp: int = 1,
+    dtype: str = "float32",
+    resume: bool = False,
+    overwrite: bool = False,
+    free_bytes: int | None = None,
+) -> BuildPlan:
+    """Validate every input (no jax, no teacher) and return what the build will do.
+
+    ``num_blocks`` is the number of windows: one block each in ``blocks`` layout,
+    many (trainer-sampled) in ``windows`` layout. ``free_bytes`` overrides the measured
+    free space of ``out_dir`` (tests; filesystems that misreport).
+    """
+    if resume and overwrite:
+        raise CacheBuildError("--resume and --overwrite contradict each other; pass one.")
+    _check_settings(
+        layout=layout,
+        ctx_len=ctx_len,
+        block_size=block_size,
+        num_blocks=num_blocks,
+        batch_size=batch_size,
+        dp=dp,
+        tp=tp,
+        dtype=dtype,
+    )
+    snapshot = Path(model_snapshot_dir).absolute()
+    cfg = read_teacher_config(snapshot)
+    layer_ids = _layer_ids(cfg, num_context_features)
+    _check_model_positions(cfg, layout, ctx_len, block_size)
+    tokens = load_token_stream(data, snapshot, cfg)
+    wlen = window_len(layout, ctx_len, block_size)
+    if tokens.size < wlen:
+        raise CacheBuildError(
+            f"the data has {tokens.size} tokens, fewer than one window of {wlen} (ctx_len + block_size - 1 = "
+            f"{ctx_len} + {block_size} - 1 in layout {layout!r}); give more data or a shorter --ctx-len."
+        )
+    H = int(cfg["hidden_size"])
+    dims = dict(
+        num_windows=num_blocks,
+        ctx_len=ctx_len,
+        block_size=block_size,
+        num_context_features=len(layer_ids),
+        hidden_size=H,
+    )
+    specs = array_specs(layout, **dims)
+    nbytes = cache_nbytes(layout, **dims)
+    out = Path(out_dir).absolute()
+    data_source = DEFAULT_DATA if data is None else str(Path(data).absolute())
+    meta = _build_meta(
+        cfg=cfg,
+        snapshot_dir=snapshot,
+        layout=layout,
+        ctx_len=ctx_len,
+        block_size=block_size,
+        layer_ids=layer_ids,
+        num_windows=num_blocks,
+        specs=specs,
+        data_source=data_source,
+        tokens=tokens,
+        seed=seed,
+        batch_size=batch_size,
+        dp=dp,
+        tp=tp,
+        dtype=dtype,
+        nbytes=nbytes,
+    )
+    start, complete, stale = _inspect_out_dir(out, meta, resume=resume, overwrite=overwrite)
+    reclaim = allocated_bytes(stale if overwrite else _known_files(out) if out.is_dir() else [])
+    if not complete:
+        check_free_space(
+            out, nbytes, layout=layout, reclaimable=reclaim, free_bytes=free_bytes, details=size_details(layout, **dims)
+        )
+    return BuildPlan(
+        out_dir=out,
+        snapshot_dir=snapshot,
+        layout=layout,
+        ctx_len=ctx_len,
+        block_size=block_size,
+        layer_ids=layer_ids,
+        num_windows=num_blocks,
+        batch_size=batch_size,
+        dp=dp,
+        tp=tp,
+        dtype=dtype,
+        tokens=tokens,
+        offsets=window_offsets(tokens.size, wlen, num_blocks, seed),
+        specs=specs,
+        meta=meta,
+        nbytes=nbytes,
+        start_window=start,
+        already_complete=complete,
+        stale_files=stale,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+def chunk_input_ids(plan: BuildPlan, start: int) -> tuple[np.ndarray, int]:
+    """Token ids ``[batch_size, window_len]`` of the chunk at ``start``; the last chunk is padded
+    by repeating its last window (so every forward has one shape), returns (ids, valid rows)."""
+    stop = min(start + plan.batch_size, plan.num_windows)
+    offs = plan.offsets[start:stop]
+    offs = np.concatenate([offs, np.repeat(offs[-1:], plan.batch_size - offs.size)])
+    ids = plan.tokens[offs[:, None] + np.arange(plan.window_len)[None, :]]
+    return np.ascontiguousarray(ids, dtype=np.int32), stop - start
+
+
+def all_chunks(plan: BuildPlan, start: int = 0) -> list[int]:
+    """Chunk starts: multiples of batch_size, so a resumed build splits the work identically."""
+    return list(range(start, plan.num_windows, plan.batch_size))
+
+
+@dataclass
+class _Chunk:
+    start: int
+    valid: int
+    ids: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    anchor_embedding: np.ndarray | None
+
+
+def write_chunk(plan: BuildPlan, arrays: dict[str, np.ndarray], c: _Chunk) -> None:
+    """Convert one teacher output chunk to the cache's dtypes and store it in the memmaps."""
+    rows = slice(c.start, c.start + c.valid)
+    C, n = plan.ctx_len, c.valid
+    if plan.layout == "blocks":
+        arrays["context_features"][rows] = to_bf16_bits(c.features[:n, :C])
+        arrays["anchor_embedding"][rows] = to_bf16_bits(c.anchor_embedding[:n])
+        tgt = np.empty((n, plan.block_size), dtype=np.int32)
+        tgt[:, 0] = c.ids[:n, C]
+        tgt[:, 1:] = c.labels[:n, C : C + plan.block_size - 1]
+        arrays["target_ids"][rows] = tgt
+    else:
+        arrays["features"][rows] = to_bf16_bits(c.features[:n])
+        arrays["token_ids"][rows] = c.ids[:n]
+        arrays["labels"][rows] = c.labels[:n]
+
+
+def _flush(arrays: dict[str, np.ndarray]) -> None:
+    for a in arrays.values():
+        if isinstance(a, np.memmap):
+            a.flush()
+
+
+class _Writer:
+    """Writer thread: converts and stores chunks while the main thread runs the next forward.
+
+    A bounded queue (2 chunks) keeps host memory flat if writing is ever slower than
+    the teacher. After each chunk: flush the memmaps, then checkpoint progress.
+    """
+
+    def __init__(self, plan: BuildPlan, arrays: dict[str, np.ndarray], on_chunk: Callable[[int], None]) -> None:
+        self.plan, self.arrays, self.on_chunk = plan, arrays, on_chunk
+        self.q: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dflash-cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (c := self.q.get()) is not None:
+            if self.error is not None:
+                continue  # drain so the producer never blocks after a failure
+            try:
+                write_chunk(self.plan, self.arrays, c)
+                _flush(self.arrays)
+                write_progress(self.plan.out_dir, c.start + c.valid, self.plan.num_windows)
+                self.on_chunk(c.valid)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                self.error = e
+
+    def put(self, c: _Chunk) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(c)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
+    """Fresh build: delete stale files, write meta (complete: false), preallocate. Resume: reopen."""
+    if plan.start_window > 0:
+        return open_memmaps(plan.out_dir, plan.specs, mode="r+")
+    for f in plan.stale_files:
+        f.unlink()
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan.out_dir / META_FILE, plan.meta)
+    arrays = create_memmaps(plan.out_dir, plan.specs)
+    arrays["window_offsets"][:] = plan.offsets
+    _flush(arrays)
+    write_progress(plan.out_dir, 0, plan.num_windows)
+    return arrays
+
+
+def load_teacher(plan: BuildPlan) -> Any:
+    """The JAX teacher for a plan (the first heavy import of a build)."""
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    return JaxTeacher(plan.snapshot_dir, plan.layer_ids, dp=plan.dp, tp=plan.tp, dtype=plan.dtype)
+
+
+def _check_teacher(plan: BuildPlan, teacher: Any) -> None:
+    if [int(i) for i in teacher.layer_ids] != plan.layer_ids:
+        raise CacheBuildError(
+            f"the given teacher extracts layers {teacher.layer_ids}, the plan needs {plan.layer_ids}."
+        )
+    if int(teacher.config.hidden_size) != plan.meta["teacher"]["hidden_size"]:
+        raise CacheBuildError("the given teacher's hidden size differs from the snapshot's config.json.")
+
+
+def _check_output_shapes(plan: BuildPlan, features: np.ndarray, labels: np.ndarray) -> None:
+    want = (plan.batch_size, plan.window_len, len(plan.layer_ids) * plan.meta["teacher"]["hidden_size"])
+    if tuple(features.shape) != want or tuple(labels.shape) != want[:2]:
+        raise RuntimeError(f"teacher returned features {features.shape} / labels {labels.shape}, expected {want}.")
+
+
+def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildResult:
+    """Run the teacher over the remaining chunks and write them; mark the cache complete last."""
+    from tqdm.auto import tqdm
+
+    if plan.already_complete:
+        return BuildResult(plan.out_dir, 0, 0, 0.0, read_json(plan.out_dir / META_FILE))
+    _check_teacher(plan, teacher)
+    arrays = prepare_out_dir(plan)
+    unit = "block" if plan.layout == "blocks" else "window"
+    bar = tqdm(
+        total=plan.num_windows,
+        initial=plan.start_window,
+        unit=unit,
+        disable=not progress,
+        desc=f"teacher cache ({plan.layout})",
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    done = [0]
+
+    def on_chunk(n: int) -> None:
+        done[0] += n
+        bar.update(n)
+        bar.set_postfix(tok_s=f"{done[0] * plan.window_len / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+    writer = _Writer(plan, arrays, on_chunk)
+    try:
+        for start in all_chunks(plan, plan.start_window):
+            ids, valid = chunk_input_ids(plan, start)
+            features, labels = teacher.forward(ids)
+            _check_output_shapes(plan, features, labels)
+            emb = teacher.embed(ids[:, plan.ctx_len]) if plan.layout == "blocks" else None
+            writer.put(_Chunk(start, valid, ids, features, labels, emb))
+    finally:
+        writer.close()
+        bar.close()
+    seconds = time.perf_counter() - t0
+    _flush(arrays)
+    meta = mark_complete(plan.out_dir, plan.meta)
+    return BuildResult(plan.out_dir, done[0], done[0] * plan.window_len, seconds, meta)
+
+
+def build_teacher_cache(
+    model_snapshot_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    teacher: Any = None,
+    progress: bool = True,
+    **settings: Any,
+) -> BuildResult:
+    """Validate (``plan_teacher_cache``), load the JAX teacher, build the cache.
+
+    ``settings`` are ``plan_teacher_cache``'s keyword arguments. ``teacher`` reuses an
+    already loaded ``JaxTeacher`` (same snapshot and layer ids), e.g. to share its
+    compiled forward across builds.
+    """
+    plan = plan_teacher_cache(model_snapshot_dir, out_dir, **settings)
+    if plan.already_complete:
+        return run_plan(plan, None, progress=progress)
+    return run_plan(plan, teacher if teacher is not None else load_teacher(plan), progress=progress)

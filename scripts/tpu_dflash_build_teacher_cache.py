@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Build the DFlash teacher cache: run the GPT-OSS teacher (JAX) once, write an mmap cache.
+
+Thin CLI over ``dflash_gptoss.cache_builder``. Every input is validated before jax
+or the teacher is loaded; bad input prints one ``error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Layouts: 'blocks' (the seed's) stores one block per window: context_features_u16.npy "
+        "[blocks, ctx_len, K*H], anchor_embedding_u16.npy [blocks, H], target_ids.npy [blocks, block_size]. "
+        "'windows' stores features_u16.npy [windows, ctx_len, K*H], token_ids.npy and labels.npy "
+        "[windows, ctx_len] for every position, so the trainer samples many anchors per window; there "
+        "--num-blocks is the number of WINDOWS. meta.json describes every array. Blocks: target_ids[:, 0] is "
+        "the anchor (position ctx_len), target_ids[:, k] the teacher's greedy token AT position ctx_len+k. "
+        "Windows start at offsets drawn uniformly by --seed from the EOS-joined token stream (they may "
+        "overlap); window_offsets.npy records them. A killed build continues with --resume (same flags) "
+        "and gives byte-identical arrays; the cache is marked complete in meta.json only at the end.",
+    )
+    p.add_argument(
+        "--model-snapshot-dir",
+        required=True,
+        help="Hugging Face snapshot folder of the GPT-OSS teacher (config.json, *.safetensors, tokenizer.json).",
+    )
+    p.add_argument(
+        "--ctx-len",
+        type=_positive_int,
+        required=True,
+        help="context positions per block (blocks layout: the anchor sits at position ctx_len); "
+        "window length per window in windows layout.",
+    )
+    p.add_argument("--block-size", type=int, default=8, help="block size B: the anchor plus B-1 proposals (>= 2).")
+    p.add_argument(
+        "--num-context-features",
+        type=_positive_int,
+        default=4,
+        help="K: number of teacher layers whose outputs form the context features; the layer ids "
+        "follow round(1 + i*(L-4)/(K-1)).",
+    )
+    p.add_argument(
+        "--num-blocks",
+        type=_positive_int,
+        required=True,
+        help="number of windows to run through the teacher: blocks in 'blocks' layout, windows in 'windows' layout.",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=4, help="windows per teacher forward; must be divisible by --dp."
+    )
+    p.add_argument("--out-dir", required=True, help="cache directory to create (or resume / overwrite).")
+    p.add_argument(
+        "--data",
+        default=None,
+        help='JSONL of {"text": ...} (tokenized with the snapshot\'s tokenizer.json) or '
+        '{"input_ids": [...]} documents, joined with EOS into one stream. Default: the tiny '
+        f"teacher's training corpus ({DEFAULT_DATA}: the stdlib .py train split).",
+    )
+    p.add_argument("--layout", choices=("blocks", "windows"), default="blocks", help="cache layout (see below).")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets in the token stream.")
+    p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel mesh size (batch axis).")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel mesh size.")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="teacher compute dtype (features are stored as bf16 either way).",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted build in --out-dir (same settings required)."
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out-dir.")
+    p.add_argument(
+        "--assume-free-bytes",
+        type=int,
+        default=None,
+        help="use this many free bytes for the size check instead of measuring --out-dir's "
+        "filesystem (for filesystems that misreport, and to test the check).",
+    )
+    p.add_argument("--no-progress", action="store_true", help="disable the progress bar.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dflash_gptoss.cache_builder import load_teacher, plan_teacher_cache, run_plan
+    from dflash_gptoss.cache_format import bytes_per_window
+
+    try:
+        plan = plan_teacher_cache(
+            args.model_snapshot_dir,
+            args.out_dir,
+            ctx_len=args.ctx_len,
+            block_size=args.block_size,
+            num_context_features=args.num_context_features,
+            num_blocks=args.num_blocks,
+            batch_size=args.batch_size,
+            layout=args.layout,
+            data=args.data,
+            seed=args.seed,
+            dp=args.dp,
+            tp=args.tp,
+            dtype=args.dtype,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            free_bytes=args.assume_free_bytes,
+        )
+        teacher = None if plan.already_complete else load_teacher(plan)  # heavy: jax/easydel from here
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    result = run_plan(plan, teacher, progress=not args.no_progress)
+    if plan.already_complete:
+        print(f"{plan.out_dir} already holds this cache, complete; nothing to do.")
+    else:
+        print(
+            f"wrote {result.windows_written} windows ({result.tokens_processed} tokens) to {result.out_dir} "
+            f"in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s); "
+            f"{bytes_per_window(plan.specs)} bytes per {'block' if plan.layout == 'blocks' else 'window'}."
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
