@@ -61,8 +61,9 @@ def test_save_load_round_trip(tmp_path, tiny_draft):
     for name, tensor in tiny_draft.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
     assert loaded.target_layer_ids == tiny_draft.target_layer_ids and loaded.block_size == 8
-    x = torch.randn(1, 8, 128)
-    feats = torch.randn(1, 5, 3 * 128)
+    hidden = tiny_draft.config.hidden_size
+    x = torch.randn(1, 8, hidden)
+    feats = torch.randn(1, 5, 3 * hidden)
     pos = torch.arange(13)[None]
     assert torch.equal(tiny_draft(x, feats, pos), loaded(x, feats, pos))
 
@@ -77,8 +78,9 @@ def test_wrong_shape_checkpoint_is_refused(tmp_path, tiny_draft):
 
 
 def test_draft_for_another_target_is_refused(tiny_draft):
-    other = tiny_gptoss_config(hidden_size=64)
-    with pytest.raises(ValueError, match="hidden_size=128 does not match the target's 64"):
+    hidden = tiny_draft.config.hidden_size
+    other = tiny_gptoss_config(hidden_size=2 * hidden)
+    with pytest.raises(ValueError, match=f"hidden_size={hidden} does not match the target's {2 * hidden}"):
         check_draft_matches_target(tiny_draft.config, other)
 
 
