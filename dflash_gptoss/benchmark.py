@@ -258,8 +258,9 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(xs)
     ax.set_xlabel("tokens accepted per target forward (accepted length)")
     ax.set_ylabel("verify steps")
-    ax.set_title(f"{report['teacher']} | draft: {Path(str(report['draft'])).name} | {report['device']}\n"
-                 f"mean {report['acceptance_mean']:.2f}, speedup_mean {report['speedup_mean']:.2f}x", fontsize=8)
+    ax.set_title(f"{report['teacher']}\ndraft: {Path(str(report['draft'])).name} | {report['device']} "
+                 f"({report['dtype']}) | mean {report['acceptance_mean']:.2f}, "
+                 f"speedup_mean {report['speedup_mean']:.2f}x", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
