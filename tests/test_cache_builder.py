@@ -113,23 +113,17 @@ def _tokens(snapshot: Path, data: Path) -> np.ndarray:
     return load_token_stream(data, snapshot, json.loads((snapshot / "config.json").read_text()))
 
 
+def _build(snapshot: Path, data: Path, teacher, out: Path, n: int, seed: int, **overrides):
+    """The test suite's standard small build (dp x tp mesh, fixed shapes), in-process."""
+    settings = dict(ctx_len=CTX, block_size=B, num_context_features=K, num_blocks=n, batch_size=BATCH, data=data,
+                    dp=DP, tp=TP, seed=seed)
+    settings.update(overrides)
+    return build_teacher_cache(snapshot, out, teacher=teacher, progress=False, **settings)
+
+
 def test_blocks_cache_equals_transformers(snapshot, data, teacher, torch_model, tmp_path: Path) -> None:
     n = 10  # not a multiple of BATCH: the last chunk is padded
-    res = build_teacher_cache(
-        snapshot,
-        tmp_path / "c",
-        teacher=teacher,
-        progress=False,
-        ctx_len=CTX,
-        block_size=B,
-        num_context_features=K,
-        num_blocks=n,
-        batch_size=BATCH,
-        data=data,
-        dp=DP,
-        tp=TP,
-        seed=7,
-    )
+    res = _build(snapshot, data, teacher, tmp_path / "c", n, seed=7)
     assert res.meta["complete"] and res.windows_written == n
     ds = DFlashCacheDataset(tmp_path / "c", bf16_as_bits=True, process_index=0, process_count=1)
     ds.validate(
@@ -149,22 +143,7 @@ def test_blocks_cache_equals_transformers(snapshot, data, teacher, torch_model, 
 
 def test_windows_cache_equals_transformers(snapshot, data, teacher, torch_model, tmp_path: Path) -> None:
     n = 8
-    build_teacher_cache(
-        snapshot,
-        tmp_path / "w",
-        teacher=teacher,
-        progress=False,
-        ctx_len=CTX + B - 1,
-        block_size=B,
-        num_context_features=K,
-        num_blocks=n,
-        batch_size=BATCH,
-        data=data,
-        dp=DP,
-        tp=TP,
-        layout="windows",
-        seed=7,
-    )
+    _build(snapshot, data, teacher, tmp_path / "w", n, seed=7, ctx_len=CTX + B - 1, layout="windows")
     ds = DFlashCacheDataset(tmp_path / "w", bf16_as_bits=True, process_index=0, process_count=1)
     offsets = np.load(tmp_path / "w" / "window_offsets.npy")
     ids, feats, logits, _ = _torch_reference(
@@ -243,21 +222,7 @@ def test_sigkill_then_resume_is_byte_identical(snapshot, data, teacher, tmp_path
     assert r.returncode == 0, r.stderr
     assert read_json(out / META_FILE)["complete"]
     ref = tmp_path / "ref"
-    build_teacher_cache(
-        snapshot,
-        ref,
-        teacher=teacher,
-        progress=False,
-        ctx_len=CTX,
-        block_size=B,
-        num_context_features=K,
-        num_blocks=n,
-        batch_size=BATCH,
-        data=data,
-        dp=DP,
-        tp=TP,
-        seed=3,
-    )
+    _build(snapshot, data, teacher, ref, n, seed=3)
     resumed, uninterrupted = _array_files(out), _array_files(ref)
     assert resumed.keys() == uninterrupted.keys() and len(resumed) == 4
     for name in resumed:

@@ -251,3 +251,24 @@ def test_rope_table_stock_vs_fixed(snapshot):
     stock_diff = np.abs(stock.astype(np.float32) - want).max()
     print(f"RoPE table: stock easydel vs transformers max diff {stock_diff:.2e}; ours exact")
     assert stock_diff > 1e-3
+
+
+def test_float32_parity_on_the_trained_tiny_teacher(tiny_teacher_dir):
+    """The embedded default itself, on held-out stdlib text: features, logits and labels agree."""
+    from transformers import AutoTokenizer
+
+    from dflash_gptoss.config import target_layer_ids
+    from dflash_gptoss.corpus import heldout_prompts
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    ids = np.array(heldout_prompts(tokenizer, 2, T, seed=1), dtype=np.int32)
+    layer_ids = target_layer_ids(6, 3)
+    ref = _torch_reference(tiny_teacher_dir, ids, layer_ids)
+    teacher = JaxTeacher(tiny_teacher_dir, layer_ids, dp=2, tp=4, dtype="float32")
+    features, labels = teacher.forward(ids)
+    top2 = np.sort(ref["logits"], axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 1e-3  # positions without a near-tie
+    assert np.abs(features - ref["features"]).max() < ATOL_F32
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(labels[clear], ref["logits"].argmax(-1)[clear])
