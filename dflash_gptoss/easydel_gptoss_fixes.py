@@ -111,7 +111,7 @@ def _patched_get_basic_frequencies(self, head_size=None, rotary_dim=None, base=N
     from jax.sharding import NamedSharding, PartitionSpec
 
     stock = _ORIGINALS["get_basic_frequencies"](self, head_size, rotary_dim, base)
-    rows, width = stock.value.shape
+    rows, width = stock[...].shape
     if width != self.head_dim or (head_size or self.head_dim) != self.head_dim or base is not None:
         return stock  # not the shape this fix reproduces; never the case for GPT-OSS
     table = _transformers_rope_table(self, rows)

@@ -151,6 +151,6 @@ class JaxTeacher:
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of the frozen input embedding table (float32), e.g. for anchor embeddings."""
         if self._embedding is None:
-            table = self.model.model.embed_tokens.embedding.value
+            table = self.model.model.embed_tokens.embedding[...]
             self._embedding = np.asarray(table, dtype=np.float32)
         return self._embedding[np.asarray(token_ids, dtype=np.int64)]
