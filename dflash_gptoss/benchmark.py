@@ -21,12 +21,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, make_draft_config, target_layer_ids
+from dflash_gptoss.config import (
+    GPT_OSS_MASK_TOKEN_ID,
+    default_num_context_features,
+    make_draft_config,
+    target_layer_ids,
+)
 from dflash_gptoss.decoding import DecodeResult, DFlashDrafter, OracleDrafter, greedy_decode, speculative_decode
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
 from dflash_gptoss.target import TargetRunner
-
-DIAGNOSTIC_DRAFTS = ("oracle", "random")
 
 
 @dataclass
@@ -73,14 +76,12 @@ def build_draft(settings: BenchSettings, target_model: torch.nn.Module, tokenize
         return None
     if settings.draft == "random":
         torch.manual_seed(settings.seed)
-        L = target_config.num_hidden_layers
-        k = settings.num_context_features or min(5, L - 3)
+        k = settings.num_context_features or default_num_context_features(target_config.num_hidden_layers)
         mask = settings.mask_token_id
         if mask is None:
             mask = default_mask_token_id(tokenizer, target_config.vocab_size)
         config = make_draft_config(target_config, num_hidden_layers=settings.random_draft_layers,
-                                   block_size=settings.block_size, mask_token_id=mask,
-                                   layer_ids=target_layer_ids(L, k))
+                                   block_size=settings.block_size, mask_token_id=mask, num_context_features=k)
         draft = DFlashDraftModel(config)
     else:
         draft = DFlashDraftModel.from_pretrained(settings.draft)
@@ -136,8 +137,9 @@ def run_benchmark(
         raise ValueError("no prompts to benchmark.")
     draft = build_draft(settings, target_model, tokenizer)
     baseline_runner = TargetRunner(target_model, [])
-    layer_ids = draft.target_layer_ids if draft is not None else target_layer_ids(
-        target_model.config.num_hidden_layers, min(5, target_model.config.num_hidden_layers - 3))
+    num_layers = target_model.config.num_hidden_layers
+    layer_ids = (draft.target_layer_ids if draft is not None
+                 else target_layer_ids(num_layers, default_num_context_features(num_layers)))
     spec_runner = TargetRunner(target_model, layer_ids)
     eos = settings.eos_token_id
 

@@ -47,6 +47,11 @@ def target_layer_ids(num_target_layers: int, num_context_features: int) -> list[
     return [int(math.floor(1 + i * (L - 4) / (K - 1) + 0.5)) for i in range(K)]
 
 
+def default_num_context_features(num_target_layers: int) -> int:
+    """K when none is given: the published gpt-oss-20b draft's 5, or fewer for a shallow target."""
+    return min(5, int(num_target_layers) - 3)
+
+
 def _qwen3_config_class() -> type:
     from transformers import Qwen3Config
 

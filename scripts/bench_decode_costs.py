@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import torch
 
     from dflash_gptoss.benchmark import device_name, resolve_target_snapshot
-    from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, make_draft_config
+    from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, default_num_context_features, make_draft_config
     from dflash_gptoss.decode_costs import measure_costs
     from dflash_gptoss.decoding import OracleDrafter, greedy_decode, speculative_decode
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     else:
         path, label = resolve_target_snapshot(args.target)
         target = load_target(path, dtype=dtype, device=device)
-        L = target.config.num_hidden_layers
-        mask, k, inter = min(3, target.config.vocab_size - 1), min(5, L - 3), None
+        # the MASK id only matters for acceptance, which a timing run does not measure
+        mask, inter = min(3, target.config.vocab_size - 1), None
+        k = default_num_context_features(target.config.num_hidden_layers)
     draft_config = make_draft_config(target.config, num_hidden_layers=args.draft_layers, block_size=args.block_size,
                                      mask_token_id=mask, num_context_features=k, intermediate_size=inter)
     draft = DFlashDraftModel(draft_config).to(device=device, dtype=dtype).eval()
