@@ -1,0 +1,312 @@
+"""The DFlash draft as a flax.nnx / EasyDeL module, for training in JAX (DESIGN.md, "Training").
+
+Same math and parameter layout as the PyTorch draft in
+:mod:`dflash_gptoss.modeling_gptoss_dflash` (the reference; see its docstring), in a batched
+training form: one window of context features and MANY blocks at once, each block seeing only
+the context before its own anchor and the B slots of its own block (never another block).
+
+Why an ``EasyDeLBaseModule``: the easydel Trainer calls ``to_state``, ``mesh``, the partition
+rules, ``flops_per_token`` and ``save_pretrained`` on the model, so the draft is a small subclass
+with its own config class. That config is always built FROM the shared draft config
+(:func:`dflash_gptoss.config.make_draft_config`, a transformers ``Qwen3Config``), so there is one
+source of truth for sizes, RoPE, ``block_size`` and ``dflash_config``.
+
+easydel 0.3.0 pitfall: ``EasyDeLBaseConfig.__init_subclass__`` replaces every subclass's
+``get_partition_rules`` with a function returning ``None`` (then easydel falls back to the
+``craft_sharding`` hooks of its own layers, which plain ``nnx.Linear`` does not have, so every
+weight would be silently replicated). The rules are therefore attached AFTER the class is
+created (:func:`_attach_partition_rules`), and the tests check the resulting shardings.
+
+Kernel layout is flax's ``[in, out]``; the exporter transposes to torch's ``[out, in]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from easydel.infra.base_config import EasyDeLBaseConfig
+from easydel.infra.base_module import EasyDeLBaseModule
+from easydel.infra.factory import TaskType, register_config, register_module
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dflash_gptoss.config import draft_block_size, draft_mask_token_id, draft_target_layer_ids
+
+MODEL_TYPE = "dflash_draft"
+
+# Fields copied from the shared Qwen3Config into the easydel config (and back, see to_draft_config).
+_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "attention_bias", "rms_norm_eps",
+    "max_position_embeddings", "rope_parameters", "tie_word_embeddings", "use_sliding_window",
+    "layer_types", "block_size", "num_target_layers", "dflash_config", "architectures",
+)
+
+COLUMN = PartitionSpec(None, "tp")
+"""``[in, out]`` kernel split on its output features (q/k/v/gate/up/fc): no communication in."""
+ROW = PartitionSpec("tp", None)
+"""``[in, out]`` kernel split on its input features (o/down): one reduction out."""
+
+
+def draft_partition_rules() -> tuple[tuple[str, PartitionSpec], ...]:
+    """Megatron-style tensor parallelism over ``tp``; norms replicated; batch goes over ``dp``."""
+    return (
+        (r"self_attn/(q_proj|k_proj|v_proj)/kernel", COLUMN),
+        (r"self_attn/o_proj/kernel", ROW),
+        (r"mlp/(gate_proj|up_proj)/kernel", COLUMN),
+        (r"mlp/down_proj/kernel", ROW),
+        (r"(^|/)fc/kernel", COLUMN),
+        (r".*", PartitionSpec()),
+    )
+
+
+@register_config(MODEL_TYPE)
+class DFlashDraftEdConfig(EasyDeLBaseConfig):
+    """easydel config of the draft; carries exactly the shared draft config's fields."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.pop("model_type", None)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_draft_config(cls, draft_config: Any, *, dp: int = 1, tp: int = 1, **basics: Any) -> DFlashDraftEdConfig:
+        """From the shared ``Qwen3Config``; mesh ``dp`` x ``tp`` (easydel axes dp, fsdp, ep, tp, sp)."""
+        values = draft_config.to_dict()
+        cfg = cls(**{k: values[k] for k in _SHARED_FIELDS if k in values})
+        cfg.add_basic_configurations(sharding_axis_dims=(dp, 1, 1, tp, 1), **basics)
+        return cfg
+
+    def to_draft_config(self) -> Any:
+        """The shared ``Qwen3Config`` again (what the torch draft and serving engines read)."""
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**{k: getattr(self, k) for k in _SHARED_FIELDS if hasattr(self, k)})
+
+
+def _attach_partition_rules(cls: type) -> None:
+    """Re-install ``get_partition_rules`` that ``EasyDeLBaseConfig.__init_subclass__`` nulled out."""
+
+    def get_partition_rules(self, *args: Any, **kwargs: Any) -> tuple[tuple[str, PartitionSpec], ...]:
+        return draft_partition_rules()
+
+    cls.get_partition_rules = get_partition_rules
+
+
+_attach_partition_rules(DFlashDraftEdConfig)
+
+
+# ----------------------------------------------------------------------------------- math pieces
+def rope_tables(draft_config: Any) -> tuple[np.ndarray, float]:
+    """(inv_freq float32 ``[head_dim/2]``, attention_scaling) exactly as the torch draft gets them.
+
+    Built by transformers' own ``Qwen3RotaryEmbedding`` (YaRN incl. ``truncate``, default, ...),
+    so the two implementations cannot disagree on RoPE.
+    """
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    rotary = Qwen3RotaryEmbedding(draft_config)
+    return rotary.inv_freq.detach().float().numpy().copy(), float(rotary.attention_scaling)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scaling: float) -> jax.Array:
+    """RoPE (rotate-half layout) of ``x`` [..., T, heads, d] at int ``positions`` [..., T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[..., None, :]  # [..., T, 1, d]
+    cos, sin = (jnp.cos(emb) * scaling).astype(x.dtype), (jnp.sin(emb) * scaling).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nnx.Module):
+    """Qwen3RMSNorm: normalise in float32, cast back, then scale (torch order, for parity)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any) -> None:
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), dtype=param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def _linear(din: int, dout: int, *, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                      rngs=rngs)
+
+
+class DFlashAttention(nnx.Module):
+    """Block queries attend to ``[context before own anchor || own block]`` keys/values."""
+
+    def __init__(self, config: DFlashDraftEdConfig, *, dtype: Any, param_dtype: Any, precision: Any,
+                 rngs: nnx.Rngs) -> None:
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.q_proj = _linear(h, self.num_heads * d, **kw)
+        self.k_proj = _linear(h, self.num_kv_heads * d, **kw)
+        self.v_proj = _linear(h, self.num_kv_heads * d, **kw)
+        self.o_proj = _linear(self.num_heads * d, h, **kw)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype)
+
+    def _kv(self, x: jax.Array, positions: jax.Array, rope: tuple[jax.Array, float]) -> tuple[jax.Array, jax.Array]:
+        """Normed, rotated keys and values of ``x`` [..., T, H]: each [..., T, kv_heads, d]."""
+        shape = (*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        k = apply_rope(self.k_norm(self.k_proj(x).reshape(shape)), positions, *rope)
+        return k, self.v_proj(x).reshape(shape)
+
+    def __call__(self, block: jax.Array, context: jax.Array, block_positions: jax.Array,
+                 context_positions: jax.Array, anchor_positions: jax.Array,
+                 rope: tuple[jax.Array, float]) -> jax.Array:
+        """``block`` [b, nb, B, H], ``context`` [b, C, H] -> [b, nb, B, H]."""
+        b, nb, bs, _ = block.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = self.q_norm(self.q_proj(block).reshape(b, nb, bs, self.num_heads, self.head_dim))
+        q = apply_rope(q, block_positions, *rope).reshape(b, nb, bs, self.num_kv_heads, groups, self.head_dim)
+        k_ctx, v_ctx = self._kv(context, context_positions, rope)  # [b, C, kv, d]
+        k_blk, v_blk = self._kv(block, block_positions, rope)  # [b, nb, B, kv, d]
+        f32 = jnp.float32
+        scale = 1.0 / np.sqrt(self.head_dim)
+        s_ctx = jnp.einsum("bnqkgd,bckd->bnqkgc", q.astype(f32), k_ctx.astype(f32)) * scale
+        s_blk = jnp.einsum("bnqkgd,bnpkd->bnqkgp", q.astype(f32), k_blk.astype(f32)) * scale
+        visible = context_positions[:, None, :] < anchor_positions[:, :, None]  # [b, nb, C]
+        s_ctx = jnp.where(visible[:, :, None, None, None, :], s_ctx, -jnp.inf)
+        probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk], axis=-1), axis=-1)  # own block: never empty
+        c = context.shape[1]
+        out = (jnp.einsum("bnqkgc,bckd->bnqkgd", probs[..., :c], v_ctx.astype(f32))
+               + jnp.einsum("bnqkgp,bnpkd->bnqkgd", probs[..., c:], v_blk.astype(f32)))
+        return self.o_proj(out.reshape(b, nb, bs, self.num_heads * self.head_dim).astype(block.dtype))
+
+
+class DFlashMLP(nnx.Module):
+    """SiLU-gated MLP without bias (what serving engines expect of a DFlash draft)."""
+
+    def __init__(self, config: DFlashDraftEdConfig, *, dtype: Any, param_dtype: Any, precision: Any,
+                 rngs: nnx.Rngs) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj, self.up_proj, self.down_proj = _linear(h, i, **kw), _linear(h, i, **kw), _linear(i, h, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDecoderLayer(nnx.Module):
+    """Pre-norm residual layer: attention over [context || block], then the MLP."""
+
+    def __init__(self, config: DFlashDraftEdConfig, *, dtype: Any, param_dtype: Any, precision: Any,
+                 rngs: nnx.Rngs) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        self.self_attn = DFlashAttention(config, **kw)
+        self.mlp = DFlashMLP(config, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, context: jax.Array, block_positions: jax.Array, context_positions: jax.Array,
+                 anchor_positions: jax.Array, rope: tuple[jax.Array, float]) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), context, block_positions, context_positions,
+                               anchor_positions, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@register_module(TaskType.BASE_MODULE, config=DFlashDraftEdConfig, model_type=MODEL_TYPE)
+class DFlashDraftNNX(EasyDeLBaseModule):
+    """The draft's own parameters (``fc``, ``hidden_norm``, ``layers``, ``norm``), as in torch.
+
+    The target's embedding and lm_head are never parameters here: they stay frozen, the caller
+    embeds the blocks and applies the lm_head to the returned hidden states.
+    """
+
+    def __init__(self, config: DFlashDraftEdConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                 precision: Any = None, *, rngs: nnx.Rngs) -> None:
+        super().__init__(config=config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
+        hidden = config.hidden_size
+        self.block_size = draft_block_size(config)
+        self.mask_token_id = draft_mask_token_id(config)
+        self.target_layer_ids = tuple(draft_target_layer_ids(config))
+        self.fc = _linear(len(self.target_layer_ids) * hidden, hidden, **kw)
+        self.hidden_norm = RMSNorm(hidden, config.rms_norm_eps, param_dtype=param_dtype)
+        self.layers = nnx.List([DFlashDecoderLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, param_dtype=param_dtype)
+        inv_freq, scaling = rope_tables(config.to_draft_config())
+        self.rope_inv_freq = tuple(float(f) for f in inv_freq)  # static: a constant, not a parameter
+        self.rope_scaling = scaling
+
+    def __call__(self, context_features: jax.Array, context_positions: jax.Array, block_embeddings: jax.Array,
+                 block_positions: jax.Array, anchor_positions: jax.Array) -> jax.Array:
+        """Final-normed hidden states of every block slot, ``[b, nb, B, H]``.
+
+        ``context_features`` [b, C, K*H] with absolute ``context_positions`` [b, C]; ``block_embeddings``
+        [b, nb, B, H] (anchor + MASK rows of the target's embedding) at ``block_positions``
+        [b, nb, B]; block j sees context positions ``< anchor_positions[:, j]`` and its own B
+        slots only. Padded context rows must carry a position no anchor exceeds (e.g. int32 max).
+        """
+        rope = (jnp.asarray(np.asarray(self.rope_inv_freq, dtype=np.float32)), self.rope_scaling)
+        context = self.hidden_norm(self.fc(context_features.astype(self.dtype)))
+        x = block_embeddings.astype(self.dtype)
+        for layer in self.layers:
+            x = layer(x, context, block_positions, context_positions, anchor_positions, rope)
+        return self.norm(x)
+
+
+def create_draft_model(draft_config: Any, *, dp: int = 1, tp: int = 1, dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32, precision: Any = None, seed: int = 0) -> DFlashDraftNNX:
+    """A freshly initialised draft, parameters sharded over a ``dp`` x ``tp`` mesh by the rules."""
+    cfg = DFlashDraftEdConfig.from_draft_config(draft_config, dp=dp, tp=tp)
+    model = DFlashDraftNNX(cfg, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(seed))
+    return place_on_mesh(model.shard_model())
+
+
+def place_on_mesh(model: DFlashDraftNNX) -> DFlashDraftNNX:
+    """Replicate over the mesh every parameter ``shard_model`` left on one device.
+
+    easydel 0.3.0's ``shard_model`` leaves ``PartitionSpec()`` parameters (the norms) as
+    single-device arrays; mixed with mesh-sharded arrays they break eager calls and make jit
+    copy them every step, so they are put on the mesh explicitly (replicated).
+    """
+    replicated = NamedSharding(model.mesh, PartitionSpec())
+    for _, var in param_variables(model):
+        if not isinstance(getattr(var[...], "sharding", None), NamedSharding):
+            var[...] = jax.device_put(var[...], replicated)
+    return model
+
+
+def load_draft_state(checkpoint_dir: str | Path, *, dp: int = 1, tp: int = 1, dtype: Any = jnp.float32,
+                     param_dtype: Any = jnp.float32) -> Any:
+    """``EasyDeLState.load_state`` of a draft checkpoint (e.g. the Trainer's ``run-<step>``), sharded.
+
+    Two easydel 0.3.0 defaults are wrong for the draft and are set here: the model task is
+    inferred from ``architectures`` (``DFlashDraftModel`` names no task, so it fails with
+    "task type None"), and the load dtype defaults to bf16 (silently rounding float32 weights).
+    """
+    from easydel.infra.base_state import EasyDeLState
+
+    state = EasyDeLState.load_state(str(checkpoint_dir), model_task=TaskType.BASE_MODULE, dtype=dtype,
+                                    param_dtype=param_dtype, sharding_axis_dims=(dp, 1, 1, tp, 1), verbose=False)
+    place_on_mesh(state.model)
+    return state
+
+
+def param_variables(model: nnx.Module) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+    """(path, variable) of every ``nnx.Param``; assigning ``var[...]`` updates the model in place."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return [(tuple(str(p) for p in path), var) for path, var in flat]
+
+
+def param_arrays(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
+    """``{path: array}`` of every ``nnx.Param`` (paths as tuples of strings)."""
+    return {path: var[...] for path, var in param_variables(model)}
+
+
+__all__ = ["DFlashDraftEdConfig", "DFlashDraftNNX", "create_draft_model", "draft_partition_rules", "load_draft_state",
+           "param_arrays",
+           "param_variables", "place_on_mesh", "rope_tables"]
