@@ -1,0 +1,222 @@
+"""The easydel DFlash trainer on the tiny teacher's caches (CPU, 8 host devices).
+
+What is checked, and why:
+* training on a ``windows`` cache lowers the loss and raises the expected accepted length
+  (the figure the benchmark cares about) over a short run;
+* one step on dp=8 x tp=1 equals one step on dp=2 x tp=4 (easydel meshes need dp*tp = the
+  8 visible devices, so dp=1 x tp=1 cannot be run here): the batch is sharded over dp and
+  the gradient reduction over dp falls out of jit, the exact CE over tp-sharded vocab;
+* checkpoints land in ``save_directory/model_name/run-<step>``, ``resume`` continues from the
+  latest, and exporting a checkpoint equals exporting the final in-memory state;
+* bad inputs fail before compiling, with a clear message (and exit code 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "scripts" / "tpu_dflash_train_with_easydel_trainer.py"
+CTX, B, K = 32, 8, 3
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A ``blocks`` cache (48 blocks) and a ``windows`` cache (16 windows), one shared JAX teacher."""
+    from dflash_gptoss.cache_builder import build_teacher_cache
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    root = tmp_path_factory.mktemp("caches")
+    teacher = JaxTeacher(tiny_teacher_dir, target_layer_ids(6, K), dp=2, tp=4)
+    out = {}
+    for layout, n in (("blocks", 48), ("windows", 16)):
+        build_teacher_cache(tiny_teacher_dir, root / layout, teacher=teacher, progress=False, ctx_len=CTX,
+                            block_size=B, num_context_features=K, num_blocks=n, batch_size=16, layout=layout,
+                            dp=2, tp=4, seed=0)
+        out[layout] = root / layout
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A different tiny GPT-OSS (hidden 64, vocab 4098): not divisible by tp=4, mismatching the caches."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from dflash_gptoss.tiny_teacher import tiny_gptoss_config
+
+    root = tmp_path_factory.mktemp("other_teacher")
+    torch.manual_seed(0)
+    cfg = tiny_gptoss_config(vocab_size=4098, hidden_size=64)
+    GptOssForCausalLM(cfg).float().save_pretrained(root)
+    return root
+
+
+def _settings(cache: Path, teacher: Path, save: Path, **kw: object):
+    from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings
+
+    base = dict(cache_dir=str(cache), teacher_snapshot_dir=str(teacher), save_directory=str(save), model_name="m",
+                max_training_steps=2, total_batch_size=8, dp=2, tp=4, vocab_chunk_size=1024, log_steps=100,
+                learning_rate=3e-3, lr_schedule="constant", num_draft_layers=1, anchors_per_window=8,
+                mask_token_id=1, progress_bar="json")
+    base.update(kw)
+    return DFlashTrainingSettings(**base)
+
+
+def test_short_run_learns(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import run_training
+
+    s = _settings(caches["windows"], tiny_teacher_dir, tmp_path, max_training_steps=40, loss_decay_gamma=4.0)
+    hist = run_training(s)["history"]
+    assert [h["step"] for h in hist] == list(range(1, 41))
+    loss = np.array([h["loss"] for h in hist])
+    accept = np.array([h["expected_accept_len"] for h in hist])
+    assert np.isfinite(loss).all()
+    print(f"loss {loss[0]:.3f} -> {loss[-1]:.3f}; expected accepted length {accept[0]:.3f} -> {accept[-1]:.3f}")
+    assert loss[-5:].mean() < loss[:5].mean() - 1.0
+    assert accept[-5:].mean() > accept[:5].mean() + 0.05
+    assert all(1.0 <= h["mean_accept_len"] <= B for h in hist)
+
+
+def test_one_step_same_on_dp8_and_dp2_tp4(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+
+    results = []
+    for dp, tp in ((8, 1), (2, 4)):
+        trainer, _ = build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path / f"{dp}x{tp}",
+                                             max_training_steps=1, dp=dp, tp=tp))
+        state = trainer.train().state
+        params = {k: np.asarray(v) for k, v in param_arrays(state.model).items()}
+        results.append((trainer.history[0]["loss"], params))
+        assert not any("embed" in "/".join(k) or "lm_head" in "/".join(k) for k in params)  # frozen: not state
+    (loss_a, pa), (loss_b, pb) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-6, err_msg=str(k))
+
+
+def test_checkpoint_resume_and_export(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer, export_checkpoint, latest_checkpoint, run_training
+
+    first = run_training(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, max_training_steps=3, save_steps=2))
+    assert first["final_step"] == 3
+    assert sorted(p.name for p in (tmp_path / "m").glob("run-*")) == ["run-2", "run-3"]
+    resumed = run_training(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, max_training_steps=5,
+                                     resume=True, export_dir=str(tmp_path / "export")))
+    assert (resumed["start_step"], resumed["final_step"]) == (3, 5)
+    assert [h["step"] for h in resumed["history"]] == [4, 5]
+    latest = latest_checkpoint(tmp_path, "m")
+    assert latest is not None and latest.name == "run-5"
+    _, draft_config = build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path / "unused"))
+    again = export_checkpoint(latest, draft_config, tmp_path / "export_ckpt")
+    final, reloaded = load_file(tmp_path / "export" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert final.keys() == reloaded.keys() and "fc.weight" in final
+    for k in final:
+        np.testing.assert_array_equal(final[k], reloaded[k], err_msg=k)
+    assert (tmp_path / "export" / "config.json").is_file()
+
+
+def test_bad_inputs(caches, tiny_teacher_dir, other_teacher, tmp_path: Path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import TrainerInputError, build_trainer
+
+    with pytest.raises(TrainerInputError, match="not divisible by dp=4"):
+        build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, total_batch_size=6, dp=4, tp=2))
+    with pytest.raises(TrainerInputError, match="vocab_size=4098 is not divisible by tp=4"):
+        build_trainer(_settings(caches["blocks"], other_teacher, tmp_path))
+    with pytest.raises(CacheMismatchError, match="block_size"):
+        build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, block_size=4))
+    with pytest.raises(CacheMismatchError, match="hidden_size"):
+        build_trainer(_settings(caches["blocks"], other_teacher, tmp_path, dp=4, tp=2))
+    with pytest.raises(TrainerInputError, match="must equal the 8 visible devices"):
+        build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, dp=2, tp=2))
+
+
+def test_cli_bad_input_is_one_error_line(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    args = [sys.executable, str(CLI), "--cache-dir", str(caches["blocks"]), "--teacher-snapshot-dir",
+            str(tiny_teacher_dir), "--save-directory", str(tmp_path), "--max-training-steps", "1"]
+    for extra, message in ((["--total-batch-size", "6", "--dp", "4", "--tp", "2"], "not divisible by --dp 4"),
+                           (["--dp", "2", "--tp", "2"], "must equal the 8 visible devices")):
+        proc = subprocess.run(args + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_gradient_accumulation_equals_one_big_batch(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    """2 x 4 rows accumulated == 8 rows at once (same rows: a step reads total_batch_size * accumulation)."""
+    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+
+    out = []
+    for batch, acc in ((8, 1), (4, 2)):
+        s = _settings(caches["blocks"], tiny_teacher_dir, tmp_path / str(acc), max_training_steps=1,
+                      total_batch_size=batch, gradient_accumulation_steps=acc)
+        trainer, _ = build_trainer(s)
+        state = trainer.train().state
+        out.append((trainer.history[0]["loss"], {k: np.asarray(v) for k, v in param_arrays(state.model).items()}))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    for k in out[0][1]:
+        np.testing.assert_allclose(out[0][1][k], out[1][1][k], rtol=1e-4, atol=1e-6, err_msg=str(k))
+
+
+def test_anchor_sampling_and_loss_weights() -> None:
+    from dflash_gptoss.easydel_dflash_trainer import anchor_positions_for_step, expected_accept_length, slot_weights
+
+    a = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
+    assert a.shape == (5, 8) and a.min() >= 1 and a.max() <= CTX - B + 1
+    assert all(len(set(row)) == 8 for row in a.tolist())  # without replacement
+    np.testing.assert_array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7))
+    assert not np.array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=8))
+    assert anchor_positions_for_step(CTX, B, 1000, rows=1, seed=0, step=0).shape == (1, CTX - B + 1)
+    np.testing.assert_allclose(slot_weights(4, 0.0), [1, 1, 1])
+    np.testing.assert_allclose(slot_weights(4, 2.0), np.exp(-np.arange(3) / 2.0), rtol=1e-6)
+    assert float(expected_accept_length(np.array([1.0, 0.5, 0.5]))) == pytest.approx(1 + 1 + 0.5 + 0.25)
+
+
+def test_cli_trains_and_exports(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    import json
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(CLI), "--cache-dir", str(caches["windows"]), "--teacher-snapshot-dir",
+         str(tiny_teacher_dir), "--save-directory", str(tmp_path / "ckpt"), "--model-name", "cli",
+         "--max-training-steps", "2", "--total-batch-size", "4", "--dp", "2", "--tp", "4", "--vocab-chunk-size",
+         "1000", "--log-steps", "1", "--anchors-per-window", "4", "--loss-decay-gamma", "4",
+         "--export-dir", str(tmp_path / "export"), "--summary-json", str(tmp_path / "summary.json")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "cli" / "run-2").is_dir()
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_step"] == 2 and len(summary["history"]) == 2
+    from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
+
+    draft = DFlashDraftModel.from_pretrained(tmp_path / "export")  # what the benchmark loads
+    assert draft.config.block_size == B and draft.config.dflash_config["mask_token_id"] == 1  # the tokenizer's
+
+
+def test_lr_schedules_with_warmup(caches, tiny_teacher_dir, tmp_path: Path) -> None:
+    """Every --lr-schedule accepts warmup (eformer alone refuses warmup for a constant rate)."""
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+
+    for schedule, at_10 in (("cosine", 7.5e-4), ("linear", 2e-3 / 3), ("constant", 1e-3)):
+        trainer, _ = build_trainer(_settings(caches["blocks"], tiny_teacher_dir, tmp_path, max_training_steps=20,
+                                             warmup_steps=5, lr_schedule=schedule, learning_rate=1e-3))
+        lrs = [float(trainer.scheduler(i)) for i in (0, 5, 10)]
+        assert lrs[0] < 1e-6 and lrs[1] == pytest.approx(1e-3), schedule
+        assert lrs[2] == pytest.approx(at_10, rel=1e-3), schedule
