@@ -127,6 +127,13 @@ def test_checkpoint_resume_and_export(caches, tiny_teacher_dir, tmp_path: Path) 
     for k in final:
         np.testing.assert_array_equal(final[k], reloaded[k], err_msg=k)
     assert (tmp_path / "export" / "config.json").is_file()
+    # Stopping at step 3 and resuming to 5 ends where an uninterrupted 5-step run ends.
+    straight = tmp_path / "straight"
+    run_training(_settings(caches["blocks"], tiny_teacher_dir, straight, max_training_steps=5, save_steps=100,
+                           export_dir=str(straight / "export")))
+    uninterrupted = load_file(straight / "export" / "model.safetensors")
+    for k in final:
+        np.testing.assert_allclose(final[k], uninterrupted[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def test_bad_inputs(caches, tiny_teacher_dir, other_teacher, tmp_path: Path) -> None:
