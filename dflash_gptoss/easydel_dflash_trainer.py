@@ -99,7 +99,7 @@ class DFlashTrainingSettings:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     num_draft_layers: int = 1
-    loss_decay_gamma: float = 0.0
+    loss_decay_gamma: float | None = None  # None: default_loss_decay_gamma(block_size)
     anchors_per_window: int = 16
     block_size: int | None = None
     mask_token_id: int | None = None
@@ -111,6 +111,11 @@ class DFlashTrainingSettings:
 
 
 # ------------------------------------------------------------------------------- loss math
+def default_loss_decay_gamma(block_size: int) -> float:
+    """The published recipes' decay: gamma 4 for block 8, 7 for block 16 (and above)."""
+    return 4.0 if block_size <= 8 else 7.0
+
+
 def slot_weights(block_size: int, gamma: float) -> np.ndarray:
     """Loss weight of slots 1..B-1: ``exp(-(k-1)/gamma)``; ``gamma == 0`` means uniform.
 
@@ -474,7 +479,8 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         raise TrainerInputError(f"weight_decay={s.weight_decay} must be >= 0.")
     if s.warmup_steps < 0:
         raise TrainerInputError(f"warmup_steps={s.warmup_steps} must be >= 0.")
-    slot_weights(2, s.loss_decay_gamma)
+    if s.loss_decay_gamma is not None:
+        slot_weights(2, s.loss_decay_gamma)
     for name in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(s, name)).is_dir():
             raise TrainerInputError(f"{name} {getattr(s, name)} is not a directory.")
@@ -562,8 +568,9 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         shuffle_train_dataset=False,
         do_eval=False,
     )
+    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
-                            mask_token_id=mask_id, loss_decay_gamma=s.loss_decay_gamma,
+                            mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
                             seed=s.seed)
     if s.resume:

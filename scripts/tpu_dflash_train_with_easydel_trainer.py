@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps.")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay.")
     p.add_argument("--num-draft-layers", type=_positive_int, default=1, help="draft transformer layers.")
-    p.add_argument("--loss-decay-gamma", type=_non_negative_float, default=0.0,
-                   help="slot k's loss weight is exp(-(k-1)/gamma) (published: 4 for block 8, 7 for block 16); "
-                        "0 = uniform.")
+    p.add_argument("--loss-decay-gamma", type=_non_negative_float, default=None,
+                   help="slot k's loss weight is exp(-(k-1)/gamma); 0 = uniform. Default: the published "
+                        "recipes' 4 for block size <= 8, 7 above.")
     p.add_argument("--anchors-per-window", type=_positive_int, default=16,
                    help="'windows' caches only: anchors sampled per window, afresh each step "
                         "(capped at ctx_len - block_size + 1).")
