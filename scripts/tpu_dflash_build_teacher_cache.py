@@ -14,18 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
+from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 
 EXIT_BAD_INPUT = 2
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
