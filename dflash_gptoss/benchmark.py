@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dflash_gptoss.config import (
-    GPT_OSS_MASK_TOKEN_ID,
+    default_mask_token_id,
     default_num_context_features,
     make_draft_config,
     target_layer_ids,
@@ -57,17 +57,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def default_mask_token_id(tokenizer: Any, vocab_size: int) -> int:
-    """``<|mask|>`` of the tiny teacher's tokenizer, else gpt-oss's reserved 200000."""
-    mask = tokenizer.convert_tokens_to_ids("<|mask|>") if tokenizer is not None else None
-    if isinstance(mask, int) and mask != getattr(tokenizer, "unk_token_id", None) and mask >= 0:
-        return mask
-    if GPT_OSS_MASK_TOKEN_ID < vocab_size:
-        return GPT_OSS_MASK_TOKEN_ID
-    raise ValueError("no MASK token found: the tokenizer has no <|mask|> and the vocabulary has no id 200000; "
-                     "pass --mask-token-id.")
-
-
 def build_draft(settings: BenchSettings, target_model: torch.nn.Module, tokenizer: Any) -> DFlashDraftModel | None:
     """The DFlash draft to benchmark, or None for the oracle (which needs no model)."""
     target_config = target_model.config
@@ -79,7 +68,7 @@ def build_draft(settings: BenchSettings, target_model: torch.nn.Module, tokenize
         k = settings.num_context_features or default_num_context_features(target_config.num_hidden_layers)
         mask = settings.mask_token_id
         if mask is None:
-            mask = default_mask_token_id(tokenizer, target_config.vocab_size)
+            mask = default_mask_token_id(target_config.vocab_size, tokenizer)
         config = make_draft_config(target_config, num_hidden_layers=settings.random_draft_layers,
                                    block_size=settings.block_size, mask_token_id=mask, num_context_features=k)
         draft = DFlashDraftModel(config)

@@ -47,6 +47,20 @@ def target_layer_ids(num_target_layers: int, num_context_features: int) -> list[
     return [int(math.floor(1 + i * (L - 4) / (K - 1) + 0.5)) for i in range(K)]
 
 
+def default_mask_token_id(vocab_size: int, tokenizer_or_dir: Any = None) -> int:
+    """The draft's MASK when none is given: gpt-oss's reserved 200000 where the vocabulary has
+    it, else the embedded tiny teacher's ``<|mask|>``. A ValueError says to pass one explicitly."""
+    if int(vocab_size) > GPT_OSS_MASK_TOKEN_ID:
+        return GPT_OSS_MASK_TOKEN_ID
+    from dflash_gptoss.tiny_teacher import mask_token_id
+
+    try:
+        return mask_token_id(tokenizer_or_dir)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means: ask the user
+        raise ValueError(f"no MASK token found (vocabulary of {vocab_size} has no id {GPT_OSS_MASK_TOKEN_ID} "
+                         f"and the tokenizer has no <|mask|>: {exc}); pass --mask-token-id.") from exc
+
+
 def default_num_context_features(num_target_layers: int) -> int:
     """K when none is given: the published gpt-oss-20b draft's 5, or fewer for a shallow target."""
     return min(5, int(num_target_layers) - 3)

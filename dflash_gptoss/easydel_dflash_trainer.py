@@ -446,17 +446,13 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def _default_mask_token_id(snapshot_dir: str, vocab_size: int) -> int:
-    """gpt-oss's reserved 200000 for the real vocabulary, else the tiny tokenizer's ``<|mask|>``."""
-    from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID
-
-    if vocab_size > GPT_OSS_MASK_TOKEN_ID:
-        return GPT_OSS_MASK_TOKEN_ID
-    from dflash_gptoss.tiny_teacher import mask_token_id
+    """The project's MASK default (``config.default_mask_token_id``), as a trainer input error."""
+    from dflash_gptoss.config import default_mask_token_id
 
     try:
-        return mask_token_id(snapshot_dir)
-    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means: ask the user
-        raise TrainerInputError(f"cannot find a MASK token in {snapshot_dir} ({exc}); pass --mask-token-id.") from exc
+        return default_mask_token_id(vocab_size, snapshot_dir)
+    except ValueError as exc:
+        raise TrainerInputError(f"{snapshot_dir}: {exc}") from exc
 
 
 def validate_settings(s: DFlashTrainingSettings) -> None:

@@ -121,3 +121,12 @@ def test_incremental_draft_cache_equals_full_recompute(tiny_teacher_dir):
         expected = target.lm_head(full[:, 1:]).argmax(-1)[0].tolist()
     assert incremental == expected
     assert drafter.cache.get_seq_length() == 30
+
+
+def test_default_mask_token_rule(tiny_teacher_dir, tmp_path):
+    from dflash_gptoss.config import default_mask_token_id
+
+    assert default_mask_token_id(201088) == GPT_OSS_MASK_TOKEN_ID  # gpt-oss: the reserved id, no tokenizer needed
+    assert default_mask_token_id(4096, tiny_teacher_dir) == 1  # the tiny teacher's <|mask|>
+    with pytest.raises(ValueError, match="pass --mask-token-id"):
+        default_mask_token_id(4096, tmp_path)
