@@ -167,14 +167,19 @@ def test_parameters_are_sharded_by_the_rules(nnx_draft):
         assert shard == tuple(s // k for s, k in zip(array.shape, split, strict=True)), (path, shard)
 
 
-def test_export_round_trip_is_exact(nnx_draft, exported):
-    loaded = load_nnx_draft_from_torch_folder(exported, dp=2, tp=4)
-    before, after = param_arrays(nnx_draft), param_arrays(loaded)
+def _assert_same_sharded_params(expected, got) -> None:
+    """Same parameter paths, bit-identical values, same partition specs."""
+    before, after = param_arrays(expected), param_arrays(got)
     assert before.keys() == after.keys()
     for path in before:
         np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]), err_msg=str(path))
         ndim = before[path].ndim
         assert _axes(after[path].sharding.spec, ndim) == _axes(before[path].sharding.spec, ndim), path
+
+
+def test_export_round_trip_is_exact(nnx_draft, exported):
+    loaded = load_nnx_draft_from_torch_folder(exported, dp=2, tp=4)
+    _assert_same_sharded_params(nnx_draft, loaded)
 
 
 def test_bf16_export_loads_in_torch(nnx_draft, draft_config, tmp_path):
@@ -195,12 +200,7 @@ def test_easydel_checkpoint_round_trip(nnx_draft, tmp_path):
     loaded = load_draft_state(tmp_path / "run-0", dp=2, tp=4).model
     assert isinstance(loaded, DFlashDraftNNX)
     assert loaded.rope_inv_freq == nnx_draft.rope_inv_freq and loaded.block_size == BLOCK
-    before, after = param_arrays(nnx_draft), param_arrays(loaded)
-    assert before.keys() == after.keys()
-    for path in before:
-        np.testing.assert_array_equal(np.asarray(after[path]), np.asarray(before[path]), err_msg=str(path))
-        ndim = before[path].ndim
-        assert _axes(after[path].sharding.spec, ndim) == _axes(before[path].sharding.spec, ndim), path
+    _assert_same_sharded_params(nnx_draft, loaded)
     assert nnx_draft.flops_per_token(sequence_length=64) > 1  # easydel returns 1 when its estimate fails
 
 
