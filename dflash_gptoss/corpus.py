@@ -117,23 +117,30 @@ def _eos_id(tokenizer: Any) -> int:
 
 
 def heldout_prompts(tokenizer: Any, num_prompts: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
-    """Deterministic prompts of exactly ``prompt_tokens`` ids, cut from held-out files.
+    """Prompts cut from held-out files: what the benchmark and tests measure on (see :func:`split_prompts`)."""
+    return split_prompts(tokenizer, "heldout", num_prompts, prompt_tokens, seed=seed)
+
+
+def split_prompts(tokenizer: Any, split: str, num_prompts: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Deterministic prompts of exactly ``prompt_tokens`` ids, cut from the files of ``split``.
 
     One prompt per file while files last (so prompts are diverse), taken at a
     seeded offset inside the file; files shorter than ``prompt_tokens`` are
     skipped. When there are fewer usable files than ``num_prompts`` the files are
-    visited again at new offsets. The benchmark and tests use these so every
-    run measures on text the teacher never trained on.
+    visited again at new offsets. The benchmark measures on ``heldout`` prompts (text
+    the teacher and the draft never trained on); the draft's training data is the
+    teacher's own continuations of ``train`` prompts.
     """
+    _check_split(split)
     if num_prompts < 0 or prompt_tokens < 1:
         raise ValueError(f"need num_prompts >= 0 and prompt_tokens >= 1, got {num_prompts}, {prompt_tokens}.")
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(stdlib_files("heldout")))
-    texts = read_texts("heldout")
+    order = rng.permutation(len(stdlib_files(split)))
+    texts = read_texts(split)
     encoded = _encode_all(tokenizer, [texts[i] for i in order])
     usable = [ids for ids in encoded if len(ids) >= prompt_tokens]
     if num_prompts and not usable:
-        raise ValueError(f"no held-out file has {prompt_tokens} tokens; ask for shorter prompts.")
+        raise ValueError(f"no {split} file has {prompt_tokens} tokens; ask for shorter prompts.")
     prompts = []
     for k in range(num_prompts):
         ids = usable[k % len(usable)]
