@@ -12,7 +12,8 @@ one after every document).
 Generation is batched with transformers' ``generate`` (greedy, left padding). Finished
 batches are appended to ``<out>.partial`` with a settings fingerprint next to it, so a killed
 run continues with ``resume=True``; the final file appears by an atomic rename only when
-every sample is written.
+every sample is written; ``<out>.meta.json`` then records the settings, so ``resume=True`` on a
+finished file with the same settings reuses it (and refuses one made differently).
 """
 
 from __future__ import annotations
@@ -100,11 +101,16 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TeacherDataError("need at least one prompt, and no empty prompt.")
     out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise TeacherDataError(f"{out} exists; pass --overwrite to replace it (or use it as --data as it is).")
     snapshot = check_gpt_oss_snapshot(snapshot_dir)
     partial, stamp = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    done_meta = out.with_name(out.name + ".meta.json")
     fingerprint = _fingerprint(snapshot, prompts, max_new_tokens, dtype)
+    if out.exists() and not overwrite:
+        old = json.loads(done_meta.read_text()) if done_meta.is_file() else {}
+        if resume and old.get("fingerprint") == fingerprint:
+            return {**old["summary"], "reused": True}
+        raise TeacherDataError(f"{out} exists" + (" from different settings" if resume else "")
+                               + "; pass --overwrite to replace it (or use it as --data as it is).")
     if partial.exists() and not resume:
         raise TeacherDataError(f"{partial} is left from a killed run; pass --resume to continue it, or delete it.")
     done = _done_lines(partial, stamp, fingerprint) if resume else 0
@@ -133,8 +139,12 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
     bar.close()
+    summary = {"out": str(out), "samples": len(prompts), "resumed_from": done, "generated_tokens": generated,
+               "seconds": round(time.perf_counter() - start, 2), "max_new_tokens": max_new_tokens,
+               "device": device, "dtype": dtype}
+    tmp_meta = done_meta.with_name(done_meta.name + ".tmp")
+    tmp_meta.write_text(json.dumps({"fingerprint": fingerprint, "summary": summary}, indent=1))
     os.replace(partial, out)
+    os.replace(tmp_meta, done_meta)
     stamp.unlink(missing_ok=True)
-    seconds = time.perf_counter() - start
-    return {"out": str(out), "samples": len(prompts), "resumed_from": done, "generated_tokens": generated,
-            "seconds": round(seconds, 2), "max_new_tokens": max_new_tokens, "device": device, "dtype": dtype}
+    return summary

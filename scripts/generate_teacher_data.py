@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu).")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="teacher dtype for generation (default float32).")
-    p.add_argument("--resume", action="store_true", help="continue a killed run (same flags) from <out>.partial.")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run (same flags) from <out>.partial; a finished --out made with the "
+                        "same settings is reused as it is.")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file.")
     return p
 

@@ -63,3 +63,7 @@ def test_killed_run_resumes_to_the_identical_file(tiny_teacher_dir, prompts, tmp
     assert not (tmp_path / "out.jsonl.partial").exists()
     with pytest.raises(TeacherDataError, match="--overwrite"):
         generate_teacher_data(tiny_teacher_dir, out, prompts, max_new_tokens=16, progress=False)
+    # A finished file is reused by --resume with the same settings, refused with others.
+    assert generate_teacher_data(tiny_teacher_dir, out, prompts, max_new_tokens=16, resume=True)["reused"]
+    with pytest.raises(TeacherDataError, match="different settings"):
+        generate_teacher_data(tiny_teacher_dir, out, prompts[:3], max_new_tokens=16, resume=True)
