@@ -488,18 +488,22 @@ def all_chunks(plan: BuildPlan, start: int = 0) -> list[int]:
 
 @dataclass
 class _Chunk:
-    start: int
-    valid: int
+    start: int  # first cache row of ``ids``/``features``/``labels`` (this process's rows of the chunk)
+    valid: int  # how many of those rows to write (0: another process writes every row of this chunk)
     ids: np.ndarray
     features: np.ndarray
     labels: np.ndarray
     anchor_embedding: np.ndarray | None
+    end: int  # the whole chunk's end row: the progress checkpoint once it is written
+    count: int  # windows in the whole chunk (progress bar)
 
 
 def write_chunk(plan: BuildPlan, arrays: dict[str, np.ndarray], c: _Chunk) -> None:
     """Convert one teacher output chunk to the cache's dtypes and store it in the memmaps."""
     rows = slice(c.start, c.start + c.valid)
     C, n = plan.ctx_len, c.valid
+    if n == 0:
+        return
     if plan.layout == "blocks":
         arrays["context_features"][rows] = to_bf16_bits(c.features[:n, :C])
         arrays["anchor_embedding"][rows] = to_bf16_bits(c.anchor_embedding[:n])
@@ -513,9 +517,39 @@ def write_chunk(plan: BuildPlan, arrays: dict[str, np.ndarray], c: _Chunk) -> No
         arrays["labels"][rows] = c.labels[:n]
 
 
-def _flush(arrays: dict[str, np.ndarray]) -> None:
+class _RowFile:
+    """One preallocated ``.npy`` of a multi-host build, written in place with positional writes.
+
+    Several hosts write disjoint rows of the same file; ``os.pwrite`` sends only those bytes,
+    where a memmap would write back whole pages and could overwrite a neighbouring host's rows
+    on a network filesystem. ``flush`` is an ``fsync``.
+    """
+
+    def __init__(self, path: Path, spec: ArraySpec) -> None:
+        self.offset = int(np.load(path, mmap_mode="r").offset)  # after the .npy header
+        self.dtype, self.shape = np.dtype(spec.dtype), tuple(spec.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def __setitem__(self, rows: slice, value: np.ndarray) -> None:
+        data = np.ascontiguousarray(value, dtype=self.dtype)
+        if data.shape != (rows.stop - rows.start, *self.shape[1:]):
+            raise ValueError(f"rows {rows} of {self.shape} cannot take an array of shape {data.shape}.")
+        view, pos = memoryview(data.reshape(-1).view(np.uint8)), self.offset + rows.start * self.row_bytes
+        while view.nbytes:
+            n = os.pwrite(self.fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _flush(arrays: dict[str, Any]) -> None:
     for a in arrays.values():
-        if isinstance(a, np.memmap):
+        if isinstance(a, (np.memmap, _RowFile)):
             a.flush()
 
 
@@ -523,13 +557,18 @@ class _Writer:
     """Writer thread: converts and stores chunks while the main thread runs the next forward.
 
     A bounded queue (2 chunks) keeps host memory flat if writing is ever slower than
-    the teacher. After each chunk: flush the memmaps, then checkpoint progress.
+    the teacher. After each chunk: flush the memmaps, then (one process) checkpoint progress.
+    Past one process the main thread checkpoints instead, after a barrier
+    (:func:`_checkpoint_shared`); ``wait_written`` lets it wait for this process's rows.
     """
 
-    def __init__(self, plan: BuildPlan, arrays: dict[str, np.ndarray], on_chunk: Callable[[int], None]) -> None:
-        self.plan, self.arrays, self.on_chunk = plan, arrays, on_chunk
+    def __init__(self, plan: BuildPlan, arrays: dict[str, Any], on_chunk: Callable[[int], None], *,
+                 checkpoint: bool = True) -> None:
+        self.plan, self.arrays, self.on_chunk, self.checkpoint = plan, arrays, on_chunk, checkpoint
         self.q: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.written_end = plan.start_window
+        self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="dflash-cache-writer", daemon=True)
         self.thread.start()
 
@@ -540,10 +579,21 @@ class _Writer:
             try:
                 write_chunk(self.plan, self.arrays, c)
                 _flush(self.arrays)
-                write_progress(self.plan.out_dir, c.start + c.valid, self.plan.num_windows)
-                self.on_chunk(c.valid)
+                if self.checkpoint:
+                    write_progress(self.plan.out_dir, c.end, self.plan.num_windows)
+                self.on_chunk(c.count)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 self.error = e
+            with self.cond:
+                self.written_end = c.end
+                self.cond.notify_all()
+
+    def wait_written(self, end: int) -> None:
+        """Block until this process's rows of every chunk up to ``end`` are written and flushed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.written_end >= end or self.error is not None)
+        if self.error is not None:
+            raise self.error
 
     def put(self, c: _Chunk) -> None:
         if self.error is not None:
@@ -588,26 +638,88 @@ def _check_teacher(plan: BuildPlan, teacher: Any) -> None:
         raise CacheBuildError("the given teacher's hidden size differs from the snapshot's config.json.")
 
 
-def _check_output_shapes(plan: BuildPlan, features: np.ndarray, labels: np.ndarray) -> None:
-    want = (plan.batch_size, plan.window_len, len(plan.layer_ids) * plan.meta["teacher"]["hidden_size"])
+def _check_output_shapes(plan: BuildPlan, features: np.ndarray, labels: np.ndarray, rows: int | None = None) -> None:
+    rows = plan.batch_size if rows is None else rows
+    want = (rows, plan.window_len, len(plan.layer_ids) * plan.meta["teacher"]["hidden_size"])
     if tuple(features.shape) != want or tuple(labels.shape) != want[:2]:
         raise RuntimeError(f"teacher returned features {features.shape} / labels {labels.shape}, expected {want}.")
 
 
+# --------------------------------------------------------------------------- multi-host
+def _agree_across_processes(plan: BuildPlan) -> None:
+    """Every process planned the same build from the same out-dir state (else: no shared filesystem)."""
+    from jax.experimental import multihost_utils
+
+    mine = np.array([plan.start_window, int(plan.already_complete), plan.num_windows], dtype=np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    if not (every == every[0]).all():
+        raise CacheBuildError(
+            f"the processes see different states of --out-dir {plan.out_dir} (start window, complete, windows "
+            f"per process: {every.tolist()}); every host must see the same out-dir on a shared filesystem.")
+
+
+def _prepare_shared(plan: BuildPlan) -> dict[str, Any]:
+    """Past one process: process 0 prepares the out-dir (as one process would), then every process
+    opens the arrays for positional writes of its own rows."""
+    from jax.experimental import multihost_utils
+
+    from dflash_gptoss.distributed import is_main_process, sync
+
+    sync("dflash-cache-planned")  # every process has read the out-dir before process 0 changes it
+    if is_main_process():
+        _flush(prepare_out_dir(plan))
+    sync("dflash-cache-prepared")
+    error = None
+    try:
+        open_memmaps(plan.out_dir, plan.specs, mode="r")  # dtype/shape check
+        arrays = {name: _RowFile(plan.out_dir / spec.file, spec) for name, spec in plan.specs.items()}
+    except (OSError, ValueError) as e:
+        error, arrays = e, {}
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+    if failed.any():
+        raise CacheBuildError(
+            f"processes {np.flatnonzero(failed).tolist()} cannot open the cache files process 0 created in "
+            f"--out-dir {plan.out_dir}" + (f" ({error})" if error else "") + "; every host must see the same "
+            "out-dir on a shared filesystem.")
+    return arrays
+
+
+def _checkpoint_shared(plan: BuildPlan, writer: _Writer, end: int) -> None:
+    """Past one process: once EVERY process has written and flushed its rows below ``end``,
+    process 0 records the progress checkpoint."""
+    from dflash_gptoss.distributed import is_main_process, sync
+
+    writer.wait_written(end)
+    sync(f"dflash-cache-rows-{end}")
+    if is_main_process():
+        write_progress(plan.out_dir, end, plan.num_windows)
+
+
 def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildResult:
-    """Run the teacher over the remaining chunks and write them; mark the cache complete last."""
+    """Run the teacher over the remaining chunks and write them; mark the cache complete last.
+
+    Past one process (JAX multi-controller, :mod:`dflash_gptoss.distributed`) every process runs
+    this with the same plan: the forward runs on the global mesh, each process feeds and writes
+    only its own rows of every chunk into the shared out-dir, and process 0 alone creates the
+    files, checkpoints progress (after a barrier) and marks the cache complete.
+    """
     from tqdm.auto import tqdm
 
+    from dflash_gptoss.distributed import is_main_process, is_multiprocess, sync
+
+    multi = is_multiprocess()
+    if multi:
+        _agree_across_processes(plan)
     if plan.already_complete:
         return BuildResult(plan.out_dir, 0, 0, 0.0, read_json(plan.out_dir / META_FILE))
     _check_teacher(plan, teacher)
-    arrays = prepare_out_dir(plan)
+    arrays = _prepare_shared(plan) if multi else prepare_out_dir(plan)
     unit = "block" if plan.layout == "blocks" else "window"
     bar = tqdm(
         total=plan.num_windows,
         initial=plan.start_window,
         unit=unit,
-        disable=not progress,
+        disable=not progress or not is_main_process(),
         desc=f"teacher cache ({plan.layout})",
         dynamic_ncols=True,
     )
@@ -619,20 +731,39 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildRe
         bar.update(n)
         bar.set_postfix(tok_s=f"{done[0] * plan.window_len / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-    writer = _Writer(plan, arrays, on_chunk)
+    writer = _Writer(plan, arrays, on_chunk, checkpoint=not multi)
+    pending = None  # multi-host: end of the last chunk handed to the writer, not yet checkpointed
     try:
         for start in all_chunks(plan, plan.start_window):
             ids, valid = chunk_input_ids(plan, start)
-            features, labels = teacher.forward(ids)
-            _check_output_shapes(plan, features, labels)
+            if multi:
+                lo, features, labels = teacher.forward_owned(ids)
+                ids = ids[lo: lo + len(features)]
+            else:
+                lo, (features, labels) = 0, teacher.forward(ids)
+            _check_output_shapes(plan, features, labels, rows=len(ids))
             emb = teacher.embed(ids[:, plan.ctx_len]) if plan.layout == "blocks" else None
-            writer.put(_Chunk(start, valid, ids, features, labels, emb))
+            if pending is not None:  # the previous chunk was written while this forward ran
+                _checkpoint_shared(plan, writer, pending)
+            writer.put(_Chunk(start + lo, max(0, min(valid - lo, len(ids))), ids, features, labels, emb,
+                              end=start + valid, count=valid))
+            pending = start + valid if multi else None
+        if pending is not None:
+            _checkpoint_shared(plan, writer, pending)
     finally:
         writer.close()
         bar.close()
     seconds = time.perf_counter() - t0
     _flush(arrays)
-    meta = mark_complete(plan.out_dir, plan.meta)
+    if multi:
+        for a in arrays.values():
+            a.close()
+        sync("dflash-cache-written")
+        meta = mark_complete(plan.out_dir, plan.meta) if is_main_process() else None
+        sync("dflash-cache-complete")
+        meta = meta or read_json(plan.out_dir / META_FILE)
+    else:
+        meta = mark_complete(plan.out_dir, plan.meta)
     return BuildResult(plan.out_dir, done[0], done[0] * plan.window_len, seconds, meta)
 
 

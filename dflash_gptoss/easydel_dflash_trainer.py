@@ -268,8 +268,12 @@ def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window:
 
 
 def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
-               seed: int, step: int) -> dict[str, np.ndarray]:
+               seed: int, step: int, row_offset: int = 0, global_rows: int | None = None) -> dict[str, np.ndarray]:
     """One host's numpy batch in the layout-independent form the step function reads.
+
+    ``rows`` are rows ``row_offset ..`` of a global batch of ``global_rows`` (default: ``len(rows)``,
+    one host): anchors are drawn for the whole global batch and sliced, so a batch is the same
+    however many processes feed it.
 
     ``context_features`` [b, C, K*H] (bf16 bits), ``target_ids`` [b, nb, B] (column 0 the anchor
     token, column k the teacher's token AT anchor+k), ``anchor_positions`` [b, nb]. ``blocks``:
@@ -285,7 +289,9 @@ def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anc
             "target_ids": raw["target_ids"][:, None, :].astype(np.int32),
             "anchor_positions": np.full((len(rows), 1), ctx_len, dtype=np.int32),
         }
-    anchors = anchor_positions_for_step(ctx_len, block_size, anchors_per_window, len(rows), seed, step)
+    g = len(rows) if global_rows is None else int(global_rows)
+    anchors = anchor_positions_for_step(ctx_len, block_size, anchors_per_window, g, seed, step)
+    anchors = anchors[row_offset: row_offset + len(rows)]
     return {
         "context_features": raw["features"],  # every position; block j sees only positions < its anchor
         "target_ids": window_block_target_ids(raw["token_ids"], raw["labels"], anchors, block_size),
@@ -328,6 +334,22 @@ def load_frozen_tables(snapshot_dir: str | Path) -> tuple[np.ndarray, np.ndarray
 
 
 # ------------------------------------------------------------------------------- the trainer
+def _rng_keys_on_mesh(model: Any) -> None:
+    """Past one process: make the model's RNG keys global, replicated arrays.
+
+    ``nnx.Rngs`` keys are single-device PRNG key arrays, and ``jax.device_put`` refuses to turn a key
+    array into a multi-process array (easydel's ``shard_state`` does exactly that); the raw key data
+    can be placed, then re-wrapped. One process needs nothing (device_put handles it).
+    """
+    from flax import nnx
+
+    replicated = NamedSharding(model.mesh, P())
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.RngKey)):
+        key = var[...]
+        data = jax.device_put(np.asarray(jax.random.key_data(key)), replicated)
+        var[...] = jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
 def _trainer_base() -> type:
     from easydel.trainers import Trainer
 
@@ -389,17 +411,24 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         return int(self.arguments.total_batch_size) * int(self.arguments.gradient_accumulation_steps)
 
     def _stream(self) -> Iterator[dict[str, jax.Array]]:
-        """Infinite deterministic stream of global (dp-sharded) batches, epoch after epoch."""
+        """Infinite deterministic stream of global (dp-sharded) batches, epoch after epoch.
+
+        Each process reads only rows ``[lo, hi)`` of every global batch: those its own devices hold
+        under the dp sharding (all rows on one host).
+        """
+        from dflash_gptoss.distributed import process_row_range
+
         g = self.rows_per_step()
-        per_host = g // self.cache.process_count
+        lo, hi = process_row_range(self.batch_sharding, (g,))
         step, epoch = 0, 0
         while True:
             perm = self.cache.epoch_permutation(epoch)
             for start in range(0, self.cache.num_items - g + 1, g):
-                lo = start + self.cache.process_index * per_host
-                local = host_batch(self.cache, perm[lo: lo + per_host], block_size=self.block_size,
-                                   anchors_per_window=self.anchors_per_window, seed=self.data_seed, step=step)
-                yield {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+                local = host_batch(self.cache, perm[start + lo: start + hi], block_size=self.block_size,
+                                   anchors_per_window=self.anchors_per_window, seed=self.data_seed, step=step,
+                                   row_offset=lo, global_rows=g)
+                yield {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (g, *v.shape[1:]))
+                       for k, v in local.items()}
                 step += 1
             epoch += 1
 
@@ -466,9 +495,15 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         raise TrainerInputError(
             f"total_batch_size={s.total_batch_size} is not divisible by dp={s.dp}: the global batch is sharded "
             f"over dp; use a multiple of {s.dp}.")
-    devices = jax.device_count()
+    devices = jax.device_count()  # global: every process's devices
     if s.dp * s.tp != devices:
-        raise TrainerInputError(f"dp*tp={s.dp}*{s.tp}={s.dp * s.tp} must equal the {devices} visible devices.")
+        raise TrainerInputError(f"dp*tp={s.dp}*{s.tp}={s.dp * s.tp} must equal the {devices} visible devices"
+                                + (f" of all {jax.process_count()} processes." if jax.process_count() > 1 else "."))
+    procs = jax.process_count()
+    if s.total_batch_size % procs:
+        raise TrainerInputError(
+            f"total_batch_size={s.total_batch_size} is not divisible by the {procs} processes: each process feeds "
+            f"its share of the global batch; use a multiple of {procs} (and of dp={s.dp}).")
     if s.learning_rate <= 0 or not math.isfinite(s.learning_rate):
         raise TrainerInputError(f"learning_rate={s.learning_rate} must be a positive number.")
     if s.weight_decay < 0:
@@ -534,6 +569,8 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     if embed.shape != (vocab, int(teacher_cfg.hidden_size)) or lm_head.shape != embed.shape:
         raise CacheMismatchError(f"teacher tables {embed.shape}/{lm_head.shape} do not match its config.")
     model = create_draft_model(draft_config, dp=s.dp, tp=s.tp, seed=s.seed)
+    if jax.process_count() > 1:
+        _rng_keys_on_mesh(model)
     lo, hi = valid_anchor_range(int(meta["ctx_len"]), block_size)
     nb = 1 if ds.layout == "blocks" else min(s.anchors_per_window, hi - lo + 1)
     args = TrainingArguments(
@@ -603,7 +640,10 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
     """Build (unless ``built`` by :func:`build_trainer`), train with easydel's loop, export; a summary dict.
 
     ``export_dir`` set: the final state's draft is written as a torch folder the benchmark loads.
+    Past one process every process takes part in gathering the weights and process 0 writes.
     """
+    from dflash_gptoss.distributed import is_main_process, sync
+    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
     from dflash_gptoss.export_draft import export_nnx_draft
 
     trainer, draft_config = built if built is not None else build_trainer(s)
@@ -617,5 +657,12 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
         "checkpoint": str(latest_checkpoint(s.save_directory, s.model_name)),
     }
     if s.export_dir:
-        summary["export_dir"] = str(export_nnx_draft(state.model, draft_config, s.export_dir))
+        from jax.experimental import multihost_utils
+
+        params = {k: v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True)
+                  for k, v in param_arrays(state.model).items()}  # a collective past one process
+        if is_main_process():
+            export_nnx_draft(params, draft_config, s.export_dir)
+        sync("dflash-export-written")
+        summary["export_dir"] = str(Path(s.export_dir))
     return summary

@@ -127,6 +127,28 @@ class JaxTeacher:
             features, labels = self._fwd(self._state, ids_dev)
         return np.asarray(features), np.asarray(labels)
 
+    def forward_owned(self, input_ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Multi-host form of :meth:`forward`: ``(lo, features, labels)`` for rows ``lo..`` of the batch.
+
+        Every process passes the same global ``input_ids`` ``[b, T]`` but only the rows its own
+        devices hold go to the devices; the rows returned are those whose primary copy this process
+        holds (each row is returned by exactly one process; on one host: all rows, ``lo == 0``).
+        """
+        import jax
+
+        from dflash_gptoss.distributed import local_rows, process_row_range
+
+        ids = self._check_ids(input_ids)
+        lo, hi = process_row_range(self._in_sharding, ids.shape)
+        ids_dev = jax.make_array_from_process_local_data(self._in_sharding, ids[lo:hi], ids.shape)
+        with self.mesh:
+            features, labels = self._fwd(self._state, ids_dev)
+        f_lo, f_rows = local_rows(features)
+        l_lo, l_rows = local_rows(labels)
+        if (f_lo, len(f_rows)) != (l_lo, len(l_rows)):
+            raise RuntimeError(f"features rows {f_lo}+{len(f_rows)} and labels rows {l_lo}+{len(l_rows)} differ.")
+        return f_lo, f_rows, l_rows
+
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits ``[b, T, V]`` (for parity checks; the cache never needs them)."""
         ids_dev = self._device_ids(input_ids)
@@ -137,6 +159,10 @@ class JaxTeacher:
         """Validate ``input_ids`` and place them on the mesh, batch sharded over dp."""
         import jax
 
+        return jax.device_put(self._check_ids(input_ids), self._in_sharding)
+
+    def _check_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        """``input_ids`` as int32 ``[b, T]`` with ``b % dp == 0`` and every id in the vocabulary."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be 2-D [batch, T], got shape {ids.shape}")
@@ -146,11 +172,15 @@ class JaxTeacher:
         vocab = int(self.config.vocab_size)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"input_ids outside [0, {vocab}): min {ids.min()}, max {ids.max()}")
-        return jax.device_put(ids.astype(np.int32), self._in_sharding)
+        return ids.astype(np.int32)
 
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of the frozen input embedding table (float32), e.g. for anchor embeddings."""
         if self._embedding is None:
             table = self.model.model.embed_tokens.embedding[...]
+            if not table.is_fully_addressable:  # past one host: a collective, every process fetches it once
+                from jax.experimental import multihost_utils
+
+                table = multihost_utils.process_allgather(table, tiled=True)
             self._embedding = np.asarray(table, dtype=np.float32)
         return self._embedding[np.asarray(token_ids, dtype=np.int64)]

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
+from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -92,11 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
         "filesystem (for filesystems that misreport, and to test the check).",
     )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar.")
+    add_distributed_args(p)
+    p.epilog += (
+        " Multi-host: every host runs the same command (add --coordinator-address/--num-processes/--process-id, "
+        "or --distributed-auto); --dp x --tp spans all hosts' devices, each host feeds and writes only the rows "
+        "of each chunk that its own devices hold, straight into the shared --out-dir; process 0 alone creates "
+        "and preallocates the files, checkpoints progress (after a barrier) and marks the cache complete. "
+        "--out-dir must be on a POSIX filesystem every host mounts (NFS/Filestore, Lustre, ...) that takes "
+        "concurrent writes to disjoint byte ranges of one file; object-store mounts such as GCS-fuse do not.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
     from dflash_gptoss.cache_builder import load_teacher, plan_teacher_cache, run_plan
     from dflash_gptoss.cache_format import bytes_per_window
 
@@ -123,7 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    result = run_plan(plan, teacher, progress=not args.no_progress)
+    from dflash_gptoss.cache_builder import CacheBuildError
+    from dflash_gptoss.distributed import is_main_process
+
+    try:
+        result = run_plan(plan, teacher, progress=not args.no_progress)
+    except CacheBuildError as e:  # multi-host: the hosts do not share --out-dir
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not is_main_process():
+        return 0
     if plan.already_complete:
         print(f"{plan.out_dir} already holds this cache, complete; nothing to do.")
     else:

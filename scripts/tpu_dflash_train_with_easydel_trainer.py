@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dflash_gptoss.cli_types import non_negative_float as _non_negative_float  # noqa: E402
 from dflash_gptoss.cli_types import positive_float as _positive_float  # noqa: E402
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
+from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel mesh size (batch axis).")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel mesh size; the lm_head vocab rows are split over it (V %% tp == 0); "
-                        "dp*tp must equal the number of devices.")
+                        "dp*tp must equal the number of devices (of all hosts together past one host).")
     p.add_argument("--vocab-chunk-size", type=_positive_int, default=8192,
                    help="vocab rows per chunk of the online log-sum-exp (memory ~ rows x chunk per device).")
     p.add_argument("--save-steps", type=_positive_int, default=None,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, write the final draft as a torch/HF folder (config.json + "
                         "model.safetensors) that the benchmark loads.")
     p.add_argument("--summary-json", default=None, help="write the run summary (per-step history) here.")
+    add_distributed_args(p)
     return p
 
 
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
+    initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
 
     from dflash_gptoss.cache_format import CacheFormatError
     from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError) as exc:
         parser.error(str(exc).replace("\n", " "))
     summary = run_training(settings, built)
+    from dflash_gptoss.distributed import is_main_process
+
+    if not is_main_process():  # every process holds the same history; process 0 reports and writes
+        return 0
     hist = summary["history"]
     if hist:
         first, last = hist[0], hist[-1]
