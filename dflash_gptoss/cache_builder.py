@@ -86,6 +86,7 @@ class BuildPlan:
     tp: int
     dtype: str
     tokens: np.ndarray
+    response: np.ndarray  # uint8 per token of ``tokens``: 0 inside a prompt
     offsets: np.ndarray
     specs: dict[str, ArraySpec]
     meta: dict[str, Any]
@@ -226,30 +227,66 @@ def _read_jsonl_docs(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
-def load_token_stream(data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any]) -> np.ndarray:
-    """The data as one int32 token stream, every document followed by EOS."""
+def load_token_stream(
+    data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The data as one int32 token stream, every document followed by EOS, and its response flags.
+
+    ``response`` (uint8, same length) is 0 on a document's first ``prompt_len`` tokens (a JSONL
+    field; the teacher-generated data writes it) and 1 elsewhere, EOS included: prompts are
+    context, never anchors or labels. The default corpus is all response.
+    """
     if data is None or str(data) == DEFAULT_DATA:
         from dflash_gptoss import corpus
 
         tokens = corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
+        response = np.ones(tokens.size, dtype=np.uint8)
     else:
         docs = _read_jsonl_docs(Path(data))
         tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for d in docs) else None
         eos = _eos_id(cfg, tokenizer)
-        pieces = []
-        for doc in docs:
+        pieces, flags = [], []
+        for lineno, doc in enumerate(docs, start=1):
             ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
-            pieces += [np.asarray(ids, dtype=np.int64).reshape(-1), np.asarray([eos], dtype=np.int64)]
-        tokens = np.concatenate(pieces)
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            prompt_len = doc.get("prompt_len", 0)
+            if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 0 <= prompt_len <= ids.size:
+                raise CacheBuildError(f"--data {data}: document {lineno} has prompt_len={prompt_len!r}; it must be "
+                                      f"an integer in [0, {ids.size}] (the document's token count).")
+            pieces += [ids, np.asarray([eos], dtype=np.int64)]
+            flag = np.ones(ids.size + 1, dtype=np.uint8)
+            flag[:prompt_len] = 0
+            flags.append(flag)
+        tokens, response = np.concatenate(pieces), np.concatenate(flags)
     vocab = int(cfg["vocab_size"])
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
         raise CacheBuildError(f"data token ids must lie in [0, {vocab}); found {tokens.min()}..{tokens.max()}.")
-    return np.ascontiguousarray(tokens, dtype=np.int32)
+    return np.ascontiguousarray(tokens, dtype=np.int32), response
 
 
-def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int) -> np.ndarray:
-    """Seeded window starts, uniform over ``[0, num_tokens - window]`` (deterministic)."""
-    return np.random.default_rng(seed).integers(0, num_tokens - window + 1, size=num_windows, dtype=np.int64)
+def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int,
+                   allowed: np.ndarray | None = None) -> np.ndarray:
+    """Seeded window starts, uniform over ``[0, num_tokens - window]`` (deterministic).
+
+    ``allowed`` (bool per start) restricts the draw when some starts may not be used (a
+    ``blocks`` window whose block would fall inside a prompt); all-True draws as without it.
+    """
+    rng = np.random.default_rng(seed)
+    if allowed is None or allowed.all():
+        return rng.integers(0, num_tokens - window + 1, size=num_windows, dtype=np.int64)
+    starts = np.flatnonzero(allowed).astype(np.int64)
+    if starts.size == 0:
+        raise CacheBuildError("no window of the data has its block in response text (every block would overlap "
+                              "a prompt); check the data's prompt_len fields, or use --layout windows.")
+    return starts[rng.integers(0, starts.size, size=num_windows)]
+
+
+def blocks_allowed_starts(response: np.ndarray, window: int, ctx_len: int, block_size: int) -> np.ndarray:
+    """``blocks`` layout: window starts whose anchor and labelled positions (window positions
+    ``ctx_len .. ctx_len+B-2``) are all response, as ``easydel_dflash_cache.response_anchor_mask``."""
+    prompt_before = np.concatenate([[0], np.cumsum(response == 0, dtype=np.int64)])
+    starts = np.arange(response.size - window + 1)
+    return prompt_before[starts + ctx_len + block_size - 1] == prompt_before[starts + ctx_len]
 
 
 # --------------------------------------------------------------------------- out dir
@@ -404,7 +441,7 @@ def plan_teacher_cache(
     cfg = read_teacher_config(snapshot)
     layer_ids = _layer_ids(cfg, num_context_features)
     _check_model_positions(cfg, layout, ctx_len, block_size)
-    tokens = load_token_stream(data, snapshot, cfg)
+    tokens, response = load_token_stream(data, snapshot, cfg)
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:
         raise CacheBuildError(
@@ -460,7 +497,10 @@ def plan_teacher_cache(
         tp=tp,
         dtype=dtype,
         tokens=tokens,
-        offsets=window_offsets(tokens.size, wlen, num_blocks, seed),
+        response=response,
+        offsets=window_offsets(tokens.size, wlen, num_blocks, seed,
+                               blocks_allowed_starts(response, wlen, ctx_len, block_size)
+                               if layout == "blocks" else None),
         specs=specs,
         meta=meta,
         nbytes=nbytes,
@@ -515,6 +555,8 @@ def write_chunk(plan: BuildPlan, arrays: dict[str, np.ndarray], c: _Chunk) -> No
         arrays["features"][rows] = to_bf16_bits(c.features[:n])
         arrays["token_ids"][rows] = c.ids[:n]
         arrays["labels"][rows] = c.labels[:n]
+        offs = plan.offsets[c.start: c.start + n]
+        arrays["response"][rows] = plan.response[offs[:, None] + np.arange(C)[None, :]]
 
 
 class _RowFile:

@@ -20,7 +20,14 @@ anchor and ``target_ids[:, k]`` (k >= 1) is the teacher's argmax at position
 ``windows`` (the scalable one): per window of ``ctx_len`` tokens, the features, token
 id and greedy label (argmax at ``t`` = greedy token for ``t + 1``) of EVERY position,
 so a trainer samples many anchors per window (see ``window_block_target_ids`` in
-``easydel_dflash_cache``). ``--num-blocks`` counts windows in this layout.
+``easydel_dflash_cache``). ``--num-blocks`` counts windows in this layout. A ``response``
+flag per position marks the tokens a draft may learn to propose: data documents may carry
+a ``prompt_len`` (the teacher-generated data does; so can chat data), and a prompt's tokens
+are context only, never anchors or labels (DESIGN.md: on chat data only the assistant's
+tokens are anchors/labels). In ``blocks`` the builder only draws windows whose whole block
+(anchor and labels) is response.
+
+Version 2 added the ``response`` array; a version 1 cache must be rebuilt.
 
 bf16 values are stored as uint16 bit patterns (``bf16.to_bf16_bits``) so
 ``np.load(mmap_mode="r")`` works without a bf16 numpy dtype.
@@ -38,7 +45,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "dflash-gptoss-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAYOUTS = ("blocks", "windows")
 
 META_FILE = "meta.json"
@@ -155,6 +162,13 @@ def array_specs(
                 (W, C),
                 "teacher argmax at position t (its greedy token for position t+1) under teacher forcing",
             ),
+            ArraySpec(
+                "response",
+                "response_u8.npy",
+                "uint8",
+                (W, C),
+                "1 where the data token is response text (a valid anchor / label target), 0 inside a prompt",
+            ),
             offsets,
         ]
     return {s.name: s for s in specs}
@@ -174,7 +188,7 @@ def size_formula(layout: str) -> str:
     _check_layout(layout)
     if layout == "blocks":
         return "blocks * (ctx_len*K*H*2 + H*2 + block_size*4 + 8) bytes (+ headers)"
-    return "windows * (ctx_len*K*H*2 + ctx_len*4*2 + 8) bytes (+ headers)"
+    return "windows * (ctx_len*K*H*2 + ctx_len*(4*2+1) + 8) bytes (+ headers)"
 
 
 def size_details(

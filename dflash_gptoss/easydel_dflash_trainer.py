@@ -145,6 +145,7 @@ def dflash_loss_and_metrics(
     target_ids: jax.Array,
     lm_head: jax.Array,
     weights: jax.Array,
+    anchor_weights: jax.Array | None = None,
     *,
     mesh: Any,
     vocab_chunk_size: int,
@@ -152,8 +153,10 @@ def dflash_loss_and_metrics(
     """Weighted exact CE over slots 1..B-1 of ``hidden`` [b, nb, B, H] against ``target_ids[..., 1:]``.
 
     Slot k's hidden state proposes the token AT position anchor+k (same-position prediction:
-    its label is column k of ``target_ids``, no shift). Returns ``(loss, metrics)`` with
-    per-slot accuracy ``[B-1]``, mean accuracy and both acceptance-length figures.
+    its label is column k of ``target_ids``, no shift). ``anchor_weights`` [b, nb] (1 = a real
+    block, 0 = a filler anchor of a window with too few response anchors) weigh the blocks in
+    every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy and
+    both acceptance-length figures.
     """
     from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy
 
@@ -165,15 +168,17 @@ def dflash_loss_and_metrics(
     )
     nll = nll.reshape(b, nb, bs - 1)
     correct = (pred.reshape(b, nb, bs - 1) == labels).astype(jnp.float32)
-    slot_nll = jnp.mean(nll, axis=(0, 1))
-    slot_acc = jnp.mean(correct, axis=(0, 1))
+    aw = jnp.ones((b, nb), jnp.float32) if anchor_weights is None else anchor_weights.astype(jnp.float32)
+    blocks = jnp.maximum(jnp.sum(aw), 1.0)
+    slot_nll = jnp.sum(nll * aw[..., None], axis=(0, 1)) / blocks
+    slot_acc = jnp.sum(correct * aw[..., None], axis=(0, 1)) / blocks
     loss = jnp.sum(weights * slot_nll) / jnp.sum(weights)
     leading_run = jnp.sum(jnp.cumprod(correct, axis=-1), axis=-1)  # [b, nb]
     metrics = {
         "slot_acc": slot_acc,
         "accuracy": jnp.mean(slot_acc),
         "expected_accept_len": expected_accept_length(slot_acc),
-        "mean_accept_len": 1.0 + jnp.mean(leading_run),
+        "mean_accept_len": 1.0 + jnp.sum(leading_run * aw) / blocks,
     }
     return loss, metrics
 
@@ -234,8 +239,8 @@ def dflash_training_step(
     def loss_fn(tree: Any, minibatch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
         module = state.merge(tree)
         hidden = _draft_hidden(module, minibatch, embed, mask_token_id)
-        loss, m = dflash_loss_and_metrics(hidden, minibatch["target_ids"], lm_head, w, mesh=mesh,
-                                          vocab_chunk_size=vocab_chunk_size)
+        loss, m = dflash_loss_and_metrics(hidden, minibatch["target_ids"], lm_head, w, minibatch["anchor_weights"],
+                                          mesh=mesh, vocab_chunk_size=vocab_chunk_size)
         other = {f"slot_acc/{k + 1}": m["slot_acc"][k] for k in range(m["slot_acc"].shape[0])}
         other["expected_accept_len"] = m["expected_accept_len"]
         other["mean_accept_len"] = m["mean_accept_len"]
@@ -251,20 +256,31 @@ def dflash_training_step(
 
 # ------------------------------------------------------------------------------- data
 def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window: int, rows: int,
-                              seed: int, step: int) -> np.ndarray:
-    """Anchors ``[rows, A]`` for a ``windows`` batch, drawn afresh each step without replacement.
+                              seed: int, step: int, *, allowed: np.ndarray | None = None, row_offset: int = 0,
+                              global_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Anchors ``[rows, A]`` and their weights for a ``windows`` batch, drawn afresh each step.
 
     Valid anchors are ``n`` in ``[1, ctx_len - B + 1]`` (``valid_anchor_range``): ``n >= 1`` so a
     block has at least one context position, and the last slot's label ``labels[n + B - 2]``
-    must lie inside the window. ``A = min(anchors_per_window, number of valid anchors)``.
-    Seeded by ``(seed, step)``, so a resumed run draws the same anchors.
+    must lie inside the window. ``A = min(anchors_per_window, number of valid anchors)``, drawn
+    without replacement. ``allowed`` (bool ``[rows, hi-lo+1]``, from
+    ``easydel_dflash_cache.response_anchor_mask``) keeps anchors out of prompts: allowed ones
+    are drawn first, and a row with fewer than ``A`` fills up with weight-0 anchors.
+
+    Keys are drawn for the whole global batch of ``global_rows`` (default ``rows``) seeded by
+    ``(seed, step)`` and rows ``row_offset ..`` taken, so a resumed run and any number of
+    processes see the same anchors.
     """
     lo, hi = valid_anchor_range(ctx_len, block_size)
     count = min(int(anchors_per_window), hi - lo + 1)
     rng = np.random.default_rng([int(seed), int(step), 0xA7])
-    keys = rng.random((rows, hi - lo + 1))
-    picks = np.argsort(keys, axis=1)[:, :count] + lo
-    return np.sort(picks, axis=1).astype(np.int32)
+    g = rows if global_rows is None else int(global_rows)
+    keys = rng.random((g, hi - lo + 1))[row_offset: row_offset + rows]
+    if allowed is not None:
+        keys = keys + 2.0 * ~allowed  # keys lie in [0, 1): every allowed anchor sorts before any other
+    picks = np.sort(np.argsort(keys, axis=1)[:, :count], axis=1)
+    weights = np.ones(picks.shape, np.float32) if allowed is None else np.take_along_axis(allowed, picks, 1)
+    return (picks + lo).astype(np.int32), weights.astype(np.float32)
 
 
 def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
@@ -279,7 +295,7 @@ def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anc
     token, column k the teacher's token AT anchor+k), ``anchor_positions`` [b, nb]. ``blocks``:
     nb = 1, anchor at position ``ctx_len`` (the window's features are positions 0..ctx_len-1).
     """
-    from dflash_gptoss.easydel_dflash_cache import window_block_target_ids
+    from dflash_gptoss.easydel_dflash_cache import response_anchor_mask, window_block_target_ids
 
     raw = ds.get_batch(rows)
     ctx_len = int(ds.meta["ctx_len"])
@@ -288,14 +304,16 @@ def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anc
             "context_features": raw["context_features"],
             "target_ids": raw["target_ids"][:, None, :].astype(np.int32),
             "anchor_positions": np.full((len(rows), 1), ctx_len, dtype=np.int32),
+            "anchor_weights": np.ones((len(rows), 1), dtype=np.float32),  # the builder drew response blocks only
         }
-    g = len(rows) if global_rows is None else int(global_rows)
-    anchors = anchor_positions_for_step(ctx_len, block_size, anchors_per_window, g, seed, step)
-    anchors = anchors[row_offset: row_offset + len(rows)]
+    anchors, weights = anchor_positions_for_step(
+        ctx_len, block_size, anchors_per_window, len(rows), seed, step, row_offset=row_offset,
+        global_rows=global_rows, allowed=response_anchor_mask(raw["response"], block_size))
     return {
         "context_features": raw["features"],  # every position; block j sees only positions < its anchor
         "target_ids": window_block_target_ids(raw["token_ids"], raw["labels"], anchors, block_size),
         "anchor_positions": anchors,
+        "anchor_weights": weights,
     }
 
 
@@ -348,6 +366,20 @@ def _rng_keys_on_mesh(model: Any) -> None:
         key = var[...]
         data = jax.device_put(np.asarray(jax.random.key_data(key)), replicated)
         var[...] = jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
+def _single_writer_checkpoint_files() -> None:
+    """Past one process: only process 0 writes eformer's shared checkpoint JSON files.
+
+    eformer 0.0.99 (under easydel 0.3.0) lets EVERY process write ``tensorstore_index.json`` and the
+    other shared files of a checkpoint on a local path (``should_write_shared_checkpoint_files`` is
+    "local path or process 0"), and the index is read-modify-written: on a filesystem the hosts
+    share, one process can read the file while another rewrites it (seen: ``JSONDecodeError`` in
+    ``tree_serialize_leaves``). The array shards are written by their owners either way.
+    """
+    from eformer.serialization import fsspec_utils
+
+    fsspec_utils.should_write_shared_checkpoint_files = lambda path: jax.process_index() == 0
 
 
 def _trainer_base() -> type:
@@ -571,6 +603,7 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     model = create_draft_model(draft_config, dp=s.dp, tp=s.tp, seed=s.seed)
     if jax.process_count() > 1:
         _rng_keys_on_mesh(model)
+        _single_writer_checkpoint_files()
     lo, hi = valid_anchor_range(int(meta["ctx_len"]), block_size)
     nb = 1 if ds.layout == "blocks" else min(s.anchors_per_window, hi - lo + 1)
     args = TrainingArguments(

@@ -55,7 +55,8 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(root / "data.jsonl", "w") as f:
         for _ in range(12):
             ids = rng.integers(1, VOCAB, size=int(rng.integers(20, 120))).tolist()
-            f.write(json.dumps({"input_ids": ids}) + "\n")
+            # a prompt (context only, never an anchor or a label) on each document's first tokens
+            f.write(json.dumps({"input_ids": ids, "prompt_len": int(rng.integers(0, len(ids) // 2))}) + "\n")
     return root
 
 
@@ -108,6 +109,11 @@ def _check_labels(stored: np.ndarray, logits: np.ndarray) -> int:
 
 
 def _tokens(snapshot: Path, data: Path) -> np.ndarray:
+    return _stream(snapshot, data)[0]
+
+
+def _stream(snapshot: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, response flags) of the data, as the builder joins them."""
     from dflash_gptoss.cache_builder import load_token_stream
 
     return load_token_stream(data, snapshot, json.loads((snapshot / "config.json").read_text()))
@@ -139,6 +145,10 @@ def test_blocks_cache_equals_transformers(snapshot, data, teacher, torch_model, 
     ties = _check_labels(got["target_ids"][:, 1:], logits[:, CTX : CTX + B - 1])
     assert ties <= 1
     np.testing.assert_array_equal(got["anchor_embedding"], to_bf16_bits(table[ids[:, CTX]]))
+    # every block (anchor and labelled positions) lies in response text, never in a prompt
+    response = _stream(snapshot, data)[1]
+    assert (response == 0).sum() > 100
+    assert all(response[o + CTX : o + CTX + B - 1].all() for o in offsets)
 
 
 def test_windows_cache_equals_transformers(snapshot, data, teacher, torch_model, tmp_path: Path) -> None:
@@ -152,6 +162,9 @@ def test_windows_cache_equals_transformers(snapshot, data, teacher, torch_model,
     got = ds.get_batch(np.arange(n))
     _check_features(got["features"], feats)
     np.testing.assert_array_equal(got["token_ids"], ids)
+    response = _stream(snapshot, data)[1][offsets[:, None] + np.arange(CTX + B - 1)]
+    assert 0 < response.sum() < response.size  # both prompt and response positions are stored
+    np.testing.assert_array_equal(got["response"], response)
     assert _check_labels(got["labels"], logits) <= 2
     # an anchor at the window's end gives exactly what the blocks layout stores there
     tgt = window_block_target_ids(got["token_ids"], got["labels"], np.full((n, 1), CTX), B)[:, 0]

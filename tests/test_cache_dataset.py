@@ -153,7 +153,7 @@ def test_validate_names_each_mismatch(blocks_cache, snapshot) -> None:
 def test_windows_layout_serves_many_anchors(snapshot, tmp_path: Path) -> None:
     truth = _filled_cache(snapshot, tmp_path / "w", "windows")
     ds = DFlashCacheDataset(tmp_path / "w", process_index=0, process_count=1)
-    assert set(ds.item_arrays) == {"features", "token_ids", "labels"}
+    assert set(ds.item_arrays) == {"features", "token_ids", "labels", "response"}
     ds.validate(block_size=CTX)  # any block that fits a window
     with pytest.raises(CacheMismatchError, match="block_size"):
         ds.validate(block_size=CTX + 1)

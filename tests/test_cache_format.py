@@ -74,7 +74,7 @@ def test_bf16_rounding_matches_ml_dtypes_nearest_even() -> None:
 def test_size_formula_matches_the_files_on_disk(tmp_path: Path, layout: str) -> None:
     dims = dict(num_windows=7, ctx_len=12, block_size=4, num_context_features=3, hidden_size=16)
     specs = array_specs(layout, **dims)
-    per_window = 12 * 3 * 16 * 2 + (16 * 2 + 4 * 4 if layout == "blocks" else 12 * 4 * 2) + 8
+    per_window = 12 * 3 * 16 * 2 + (16 * 2 + 4 * 4 if layout == "blocks" else 12 * (4 * 2 + 1)) + 8
     assert bytes_per_window(specs) == per_window
     arrays = create_memmaps(tmp_path, specs)
     for a in arrays.values():

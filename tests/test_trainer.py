@@ -182,14 +182,34 @@ def test_gradient_accumulation_equals_one_big_batch(caches, tiny_teacher_dir, tm
 
 
 def test_anchor_sampling_and_loss_weights() -> None:
+    from dflash_gptoss.easydel_dflash_cache import response_anchor_mask
     from dflash_gptoss.easydel_dflash_trainer import anchor_positions_for_step, expected_accept_length, slot_weights
 
-    a = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
-    assert a.shape == (5, 8) and a.min() >= 1 and a.max() <= CTX - B + 1
+    a, w = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
+    assert a.shape == (5, 8) and a.min() >= 1 and a.max() <= CTX - B + 1 and (w == 1).all()
     assert all(len(set(row)) == 8 for row in a.tolist())  # without replacement
-    np.testing.assert_array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7))
-    assert not np.array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=8))
-    assert anchor_positions_for_step(CTX, B, 1000, rows=1, seed=0, step=0).shape == (1, CTX - B + 1)
+    np.testing.assert_array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)[0])
+    assert not np.array_equal(a, anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=8)[0])
+    assert anchor_positions_for_step(CTX, B, 1000, rows=1, seed=0, step=0)[0].shape == (1, CTX - B + 1)
+    # rows 2..3 of a global batch of 5 are the same anchors whoever draws them
+    np.testing.assert_array_equal(a[2:4], anchor_positions_for_step(CTX, B, 8, 2, 3, 7, row_offset=2, global_rows=5)[0])
+
+    # Prompts: row 0 is prompt up to position 9, row 1 has only 2 response anchors, row 2 none.
+    response = np.ones((3, CTX), np.uint8)
+    response[0, :10] = 0
+    response[1, : CTX - B] = 0
+    response[2, -1] = 0
+    response[2, : CTX - 2] = 0
+    allowed = response_anchor_mask(response, B)
+    lo = 1
+    for row in range(3):  # anchor n is allowed iff positions n .. n+B-2 are all response
+        expect = [bool(response[row, n: n + B - 1].all()) for n in range(lo, CTX - B + 2)]
+        assert allowed[row].tolist() == expect
+    a, w = anchor_positions_for_step(CTX, B, 4, rows=3, seed=0, step=0, allowed=allowed)
+    assert (a[0] >= 10).all() and (w[0] == 1).all()
+    assert sorted(a[1][w[1] == 1].tolist()) == [CTX - B, CTX - B + 1] and w[1].sum() == 2
+    assert w[2].sum() == 0
+
     np.testing.assert_allclose(slot_weights(4, 0.0), [1, 1, 1])
     np.testing.assert_allclose(slot_weights(4, 2.0), np.exp(-np.arange(3) / 2.0), rtol=1e-6)
     assert float(expected_accept_length(np.array([1.0, 0.5, 0.5]))) == pytest.approx(1 + 1 + 0.5 + 0.25)
