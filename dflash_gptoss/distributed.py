@@ -98,7 +98,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         return _info()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if auto:
-        jax.distributed.initialize(initialization_timeout=initialization_timeout)
+        try:
+            jax.distributed.initialize(initialization_timeout=initialization_timeout)
+        except ValueError as exc:  # nothing detected: jax names the first missing value
+            raise DistributedConfigError(
+                f"--distributed-auto found no cluster to join ({exc}); it detects Cloud TPU pod slices, SLURM and "
+                "Open MPI, or reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID. Elsewhere pass "
+                "--coordinator-address, --num-processes and --process-id.") from exc
     else:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    local_device_ids=local_device_ids, initialization_timeout=initialization_timeout)
