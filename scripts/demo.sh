@@ -1,18 +1,55 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, on CPU: set up .venv, build (or reuse) the tiny
-# GPT-OSS teacher, then benchmark DFlash speculative decoding against the KV-cache greedy
-# loop with the two diagnostic drafts: 'random' (an untrained draft: the floor) and
-# 'oracle' (the target's own continuation: the ceiling). Writes artifacts/dflash_bench/.
-# Figures printed here are the TINY teacher's, on this machine's CPU.
+# The main job, end to end, on the embedded default (tiny GPT-OSS teacher) on this CPU, with the
+# same scripts and flags a user runs on the real model:
+#   tiny teacher (built or reused) -> teacher greedy data -> teacher cache (2x4 JAX mesh)
+#   -> draft training (easydel Trainer, 2x4 mesh) -> export -> benchmark on held-out prompts
+#   -> one table + artifacts/dflash_bench/tiny_pipeline_<UTC>*.{json,png}
+# Work files (data, cache, checkpoints, the exported draft) go to $DEMO_DIR (default runs/demo);
+# the data and the cache are reused when they already match, the draft is trained afresh.
+# Every figure printed here is the TINY teacher's, on this machine's CPU, not gpt-oss-20b's.
+# Extra arguments go to the trainer (e.g. --max-training-steps 400 for a quick look).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$REPO/scripts/setup_env.sh"
 cd "$REPO"
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false JAX_PLATFORMS=cpu
+export XLA_FLAGS="--xla_force_host_platform_device_count=8"  # a real dp=2 x tp=4 mesh on CPU
 PY=.venv/bin/python
-$PY scripts/build_tiny_teacher.py
-for draft in random oracle; do
+DEMO_DIR="${DEMO_DIR:-$REPO/runs/demo}"
+NAME="tiny_pipeline_$(date -u +%Y%m%d_%H%M%S)"
+mkdir -p "$DEMO_DIR"
+TIMINGS=()
+step() {  # step NAME CMD...: run one pipeline step, print and keep its wall time
+  local name=$1 start=$SECONDS
+  shift
   echo
-  echo "=== benchmark: tiny teacher, draft=$draft ==="
-  $PY scripts/dflash_benchmark.py --target tiny --draft "$draft" --num-prompts 20 --max-new-tokens 128 --block-size 8 "$@"
-done
+  echo "=== $name ==="
+  "$@"
+  TIMINGS+=(--timing "$name=$((SECONDS - start))")
+}
+
+step setup bash scripts/setup_env.sh
+step teacher $PY scripts/build_tiny_teacher.py
+TEACHER="$($PY -c 'from dflash_gptoss.tiny_teacher import ensure_tiny_teacher; print(ensure_tiny_teacher(progress=False))')"
+
+step data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$TEACHER" --out "$DEMO_DIR/greedy.jsonl" \
+  --num-samples 1024 --prompt-tokens 64 --max-new-tokens 256 --batch-size 128 --resume
+
+step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$TEACHER" \
+  --data "$DEMO_DIR/greedy.jsonl" --layout windows --ctx-len 256 --block-size 8 --num-context-features 3 \
+  --num-blocks 2048 --batch-size 16 --dp 2 --tp 4 --out-dir "$DEMO_DIR/cache" --resume
+
+rm -rf "$DEMO_DIR/checkpoints" "$DEMO_DIR/draft"
+step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DEMO_DIR/cache" \
+  --teacher-snapshot-dir "$TEACHER" --save-directory "$DEMO_DIR/checkpoints" --model-name tiny-dflash \
+  --dp 2 --tp 4 --total-batch-size 16 --anchors-per-window 16 --num-draft-layers 2 \
+  --max-training-steps 1600 --learning-rate 3e-3 --lr-schedule cosine --warmup-steps 50 \
+  --vocab-chunk-size 1024 --log-steps 50 --save-steps 400 \
+  --export-dir "$DEMO_DIR/draft" --summary-json "$DEMO_DIR/train_summary.json" "$@"
+
+step benchmark $PY scripts/dflash_benchmark.py --target "$TEACHER" --draft "$DEMO_DIR/draft" \
+  --num-prompts 20 --prompt-tokens 64 --max-new-tokens 128 --block-size 8 --report-name "$NAME"
+
+echo
+echo "=== summary: tiny teacher, $NAME ==="
+$PY scripts/pipeline_report.py --bench-json "artifacts/dflash_bench/$NAME.json" \
+  --train-summary "$DEMO_DIR/train_summary.json" "${TIMINGS[@]}"

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="target and draft dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     p.add_argument("--out-dir", default=str(REPO / "artifacts" / "dflash_bench"),
                    help="where bench_<UTC timestamp>.json and its PNG go (default artifacts/dflash_bench).")
+    p.add_argument("--report-name", default=None,
+                   help="file stem of the JSON and PNG (default bench_<UTC timestamp>).")
     p.add_argument("--random-draft-layers", type=int, default=1, help="layers of the 'random' draft (default 1).")
     p.add_argument("--num-context-features", type=int, default=None,
                    help="K target layers feeding the 'random' draft (default: min(5, layers-3)).")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    json_path, png_path = write_report(report, args.out_dir)
+    json_path, png_path = write_report(report, args.out_dir, stem=args.report_name)
     print("\n".join(summary_lines(report)))
     print(f"wrote {json_path} and {png_path}")
     return 0 if report["lossless_all"] else 1
