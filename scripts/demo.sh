@@ -32,7 +32,7 @@ step teacher $PY scripts/build_tiny_teacher.py
 TEACHER="$($PY -c 'from dflash_gptoss.tiny_teacher import ensure_tiny_teacher; print(ensure_tiny_teacher(progress=False))')"
 
 step data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$TEACHER" --out "$DEMO_DIR/greedy.jsonl" \
-  --num-samples 1024 --prompt-tokens 64 --max-new-tokens 256 --batch-size 128 --resume
+  --num-samples 2048 --prompt-tokens 64 --max-new-tokens 128 --batch-size 128 --resume
 
 step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$TEACHER" \
   --data "$DEMO_DIR/greedy.jsonl" --layout windows --ctx-len 256 --block-size 8 --num-context-features 3 \
@@ -41,7 +41,7 @@ step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$
 rm -rf "$DEMO_DIR/checkpoints" "$DEMO_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DEMO_DIR/cache" \
   --teacher-snapshot-dir "$TEACHER" --save-directory "$DEMO_DIR/checkpoints" --model-name tiny-dflash \
-  --dp 2 --tp 4 --total-batch-size 16 --anchors-per-window 16 --num-draft-layers 2 \
+  --dp 2 --tp 4 --total-batch-size 16 --anchors-per-window 16 --num-draft-layers 3 \
   --max-training-steps 1600 --learning-rate 3e-3 --lr-schedule cosine --warmup-steps 50 \
   --vocab-chunk-size 1024 --log-steps 50 --save-steps 400 \
   --export-dir "$DEMO_DIR/draft" --summary-json "$DEMO_DIR/train_summary.json" "$@"
