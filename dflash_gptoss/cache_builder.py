@@ -55,6 +55,7 @@ from dflash_gptoss.cache_format import (
     settings_diff,
     settings_of,
     size_details,
+    trainable_blocks,
     window_len,
     write_json_atomic,
     write_progress,
@@ -282,11 +283,9 @@ def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int,
 
 
 def blocks_allowed_starts(response: np.ndarray, window: int, ctx_len: int, block_size: int) -> np.ndarray:
-    """``blocks`` layout: window starts whose anchor and labelled positions (window positions
-    ``ctx_len .. ctx_len+B-2``) are all response, as ``easydel_dflash_cache.response_anchor_mask``."""
-    prompt_before = np.concatenate([[0], np.cumsum(response == 0, dtype=np.int64)])
-    starts = np.arange(response.size - window + 1)
-    return prompt_before[starts + ctx_len + block_size - 1] == prompt_before[starts + ctx_len]
+    """``blocks`` layout: window starts whose block (anchor at window position ``ctx_len``) is trainable
+    by ``cache_format.trainable_blocks``, the rule the trainer applies to ``windows`` caches."""
+    return trainable_blocks(response, np.arange(response.size - window + 1) + ctx_len, block_size)
 
 
 # --------------------------------------------------------------------------- out dir

@@ -97,6 +97,21 @@ def window_len(layout: str, ctx_len: int, block_size: int) -> int:
     return ctx_len + block_size - 1 if layout == "blocks" else ctx_len
 
 
+def trainable_blocks(response: np.ndarray, anchors: np.ndarray, block_size: int) -> np.ndarray:
+    """Whether a block anchored at each position of ``anchors`` may be trained on (the one rule).
+
+    True when ``response[..., n .. n+B-2]`` are all nonzero: the anchor and every token the block's
+    labels are conditioned on are the teacher's own text, so each label is its greedy continuation,
+    as at inference. ``response`` is ``[..., T]``; the result is ``[..., len(anchors)]``. The caller
+    keeps ``n + B - 1 <= T``.
+    """
+    r = np.asarray(response)
+    zeros = np.zeros(r.shape[:-1] + (1,), dtype=np.int64)
+    prompt_before = np.concatenate([zeros, np.cumsum(r == 0, axis=-1, dtype=np.int64)], axis=-1)
+    anchors = np.asarray(anchors)
+    return prompt_before[..., anchors + block_size - 1] == prompt_before[..., anchors]
+
+
 def _check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")

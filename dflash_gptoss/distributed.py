@@ -125,7 +125,8 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
         "Past one host, run the SAME command on every host, differing only in --process-id; the mesh "
         "(--dp x --tp) then spans all hosts' devices and each host feeds only the rows its own devices "
         "hold. Every path (cache, checkpoints, outputs) must be on a filesystem all hosts share "
-        "(NFS, a shared disk, GCS-fuse); only process 0 writes the shared bookkeeping files.")
+        "(NFS/Filestore, Lustre; not GCS-fuse, which has no concurrent writers to one file); only process 0 "
+        "writes the shared bookkeeping files.")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="process 0's address and a free port, reachable from every host (the same on every host).")
     g.add_argument("--num-processes", type=int, default=None, metavar="N",

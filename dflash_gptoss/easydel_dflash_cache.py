@@ -23,6 +23,7 @@ from dflash_gptoss.cache_format import (
     open_memmaps,
     read_meta,
     specs_from_meta,
+    trainable_blocks,
 )
 
 
@@ -78,16 +79,10 @@ def window_block_target_ids(
 def response_anchor_mask(response: np.ndarray, block_size: int) -> np.ndarray:
     """Which anchors of :func:`valid_anchor_range` a window row may train on: bool ``[b, hi-lo+1]``.
 
-    Anchor ``n`` qualifies when ``response[n .. n+B-2]`` are all 1: the anchor token and every
-    token the block's labels are conditioned on are the teacher's own text, so each label is
-    the teacher's greedy continuation, as at inference. Prompt tokens stay usable as context.
+    ``cache_format.trainable_blocks`` over every valid anchor; prompt tokens stay usable as context.
     """
-    r = np.asarray(response)
-    lo, hi = valid_anchor_range(r.shape[-1], block_size)
-    zeros = np.zeros(r.shape[:-1] + (1,), dtype=np.int64)
-    prompt_before = np.concatenate([zeros, np.cumsum(r == 0, axis=-1, dtype=np.int64)], axis=-1)
-    starts = np.arange(lo, hi + 1)
-    return prompt_before[..., starts + block_size - 1] == prompt_before[..., starts]
+    lo, hi = valid_anchor_range(np.shape(response)[-1], block_size)
+    return trainable_blocks(response, np.arange(lo, hi + 1), block_size)
 
 
 class DFlashCacheDataset:

@@ -145,7 +145,7 @@ def dflash_loss_and_metrics(
     target_ids: jax.Array,
     lm_head: jax.Array,
     weights: jax.Array,
-    anchor_weights: jax.Array | None = None,
+    anchor_weights: jax.Array,
     *,
     mesh: Any,
     vocab_chunk_size: int,
@@ -168,7 +168,7 @@ def dflash_loss_and_metrics(
     )
     nll = nll.reshape(b, nb, bs - 1)
     correct = (pred.reshape(b, nb, bs - 1) == labels).astype(jnp.float32)
-    aw = jnp.ones((b, nb), jnp.float32) if anchor_weights is None else anchor_weights.astype(jnp.float32)
+    aw = anchor_weights.astype(jnp.float32)
     blocks = jnp.maximum(jnp.sum(aw), 1.0)
     slot_nll = jnp.sum(nll * aw[..., None], axis=(0, 1)) / blocks
     slot_acc = jnp.sum(correct * aw[..., None], axis=(0, 1)) / blocks
