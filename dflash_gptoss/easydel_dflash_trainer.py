@@ -64,6 +64,7 @@ __all__ = [
     "TrainerInputError",
     "anchor_positions_for_step",
     "build_trainer",
+    "dflash_batch_loss",
     "export_checkpoint",
     "latest_checkpoint",
     "run_training",
@@ -204,6 +205,28 @@ def _draft_hidden(module: Any, batch: dict[str, jax.Array], embed: jax.Array, ma
     return module(feats, ctx_pos, block_emb, block_pos, anchors)
 
 
+def dflash_batch_loss(
+    module: Any,
+    batch: dict[str, jax.Array],
+    embed: jax.Array,
+    lm_head: jax.Array,
+    *,
+    mesh: Any,
+    mask_token_id: int,
+    weights: tuple[float, ...],
+    vocab_chunk_size: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The draft's loss and metrics on one (mini)batch: what a training step differentiates.
+
+    One function for the optimizer step and for everything that must measure the same thing
+    (the tests' gradient checks, held-out evaluation).
+    """
+    w = jnp.asarray(np.asarray(weights, dtype=np.float32))
+    hidden = _draft_hidden(module, batch, embed, mask_token_id)
+    return dflash_loss_and_metrics(hidden, batch["target_ids"], jax.lax.stop_gradient(lm_head), w,
+                                   batch["anchor_weights"], mesh=mesh, vocab_chunk_size=vocab_chunk_size)
+
+
 def dflash_training_step(
     state: Any,
     batch: dict[str, jax.Array],
@@ -233,14 +256,10 @@ def dflash_training_step(
 
     _, minibatch_size, _ = make_assertions_and_get_sizes(
         batch=batch, gradient_accumulation_steps=gradient_accumulation_steps, batch_partition_spec=P("dp"))
-    w = jnp.asarray(np.asarray(weights, dtype=np.float32))
-    lm_head = jax.lax.stop_gradient(lm_head)
 
     def loss_fn(tree: Any, minibatch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
-        module = state.merge(tree)
-        hidden = _draft_hidden(module, minibatch, embed, mask_token_id)
-        loss, m = dflash_loss_and_metrics(hidden, minibatch["target_ids"], lm_head, w, minibatch["anchor_weights"],
-                                          mesh=mesh, vocab_chunk_size=vocab_chunk_size)
+        loss, m = dflash_batch_loss(state.merge(tree), minibatch, embed, lm_head, mesh=mesh,
+                                    mask_token_id=mask_token_id, weights=weights, vocab_chunk_size=vocab_chunk_size)
         other = {f"slot_acc/{k + 1}": m["slot_acc"][k] for k in range(m["slot_acc"].shape[0])}
         other["expected_accept_len"] = m["expected_accept_len"]
         other["mean_accept_len"] = m["mean_accept_len"]

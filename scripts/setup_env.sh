@@ -30,7 +30,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
 fi
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   if "$VENV/bin/pip" install -q --no-index --no-deps torch 2>/dev/null; then
-    echo "[setup] torch: installed the wheel this machine offers locally ($("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
+    # --no-deps: torch's own dependencies (typing_extensions, ...) arrive with the package below, so
+    # torch cannot be imported yet; read its version from the installed metadata instead.
+    echo "[setup] torch: installed the wheel this machine offers locally ($("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))'))"
   else
     echo "[setup] torch: no local wheel offered; installing from the package index"
   fi
