@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from dflash_gptoss.cache_format import (
     META_FILE,
     PROGRESS_FILE,
     ArraySpec,
+    CacheFormatError,
     all_array_files,
     allocated_bytes,
     array_specs,
@@ -52,15 +54,19 @@ from dflash_gptoss.cache_format import (
     open_memmaps,
     read_json,
     read_progress,
+    reserve_disk,
     settings_diff,
     settings_of,
     size_details,
     trainable_blocks,
+    verify_cache_files,
     window_len,
     write_json_atomic,
     write_progress,
 )
 from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.integrity import MANIFEST_NAME
+from dflash_gptoss.job_lock import LOCK_NAME, DirLock, LockHeldError, acquire_for_job
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_DATA = "corpus:train"
@@ -95,6 +101,7 @@ class BuildPlan:
     start_window: int = 0
     already_complete: bool = False
     stale_files: list[Path] = field(default_factory=list)
+    lock: DirLock | None = None  # the out-dir's writer lock (process 0), held until the build ends
 
     @property
     def window_len(self) -> int:
@@ -208,21 +215,50 @@ def _load_tokenizer(snapshot_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(snapshot_dir))
 
 
-def _read_jsonl_docs(path: Path) -> list[dict[str, Any]]:
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_doc(doc: Any, where: str) -> None:
+    """One --data record: an object with a string ``text`` or a flat list of integer ``input_ids``,
+    and an optional integer ``prompt_len``; anything else is refused, naming ``where`` (file:line)."""
+    if not isinstance(doc, dict) or ("text" not in doc and "input_ids" not in doc):
+        raise CacheBuildError(f'--data {where}: needs a JSON object with a "text" or an "input_ids" field.')
+    if "input_ids" in doc:
+        ids = doc["input_ids"]
+        if not isinstance(ids, list) or not ids:
+            raise CacheBuildError(f"--data {where}: input_ids must be a non-empty list of token ids, got "
+                                  f"{type(ids).__name__}.")
+        bad = next((i for i, v in enumerate(ids) if not _is_int(v)), None)
+        if bad is not None:
+            raise CacheBuildError(f"--data {where}: input_ids[{bad}] = {ids[bad]!r} is not an integer token id "
+                                  "(floats, booleans and nested lists are refused, never rounded).")
+    elif not isinstance(doc["text"], str):
+        raise CacheBuildError(f'--data {where}: "text" must be a string, got {type(doc["text"]).__name__}.')
+    if "prompt_len" in doc and not _is_int(doc["prompt_len"]):
+        raise CacheBuildError(f"--data {where}: prompt_len={doc['prompt_len']!r} must be an integer.")
+
+
+def _read_jsonl_docs(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every non-blank line, each checked by :func:`_check_doc`."""
     if not path.is_file():
-        raise CacheBuildError(f"--data {path} does not exist.")
+        raise CacheBuildError(f"--data {path} does not exist or is not a file.")
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CacheBuildError(f"--data {path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                      "JSONL must be UTF-8.") from e
             if not line.strip():
                 continue
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CacheBuildError(f"--data {path}:{lineno} is not valid JSON: {e}") from e
-            if not isinstance(doc, dict) or ("text" not in doc and "input_ids" not in doc):
-                raise CacheBuildError(f'--data {path}:{lineno} needs a "text" or an "input_ids" field.')
-            docs.append(doc)
+                raise CacheBuildError(f"--data {path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
+            _check_doc(doc, f"{path}:{lineno}")
+            docs.append((lineno, doc))
     if not docs:
         raise CacheBuildError(f"--data {path} holds no documents.")
     return docs
@@ -244,24 +280,26 @@ def load_token_stream(
         response = np.ones(tokens.size, dtype=np.uint8)
     else:
         docs = _read_jsonl_docs(Path(data))
-        tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for d in docs) else None
+        tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for _, d in docs) else None
         eos = _eos_id(cfg, tokenizer)
+        vocab = int(cfg["vocab_size"])
         pieces, flags = [], []
-        for lineno, doc in enumerate(docs, start=1):
+        for lineno, doc in docs:
             ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
-            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            lo, hi = min(ids, default=0), max(ids, default=0)
+            if lo < 0 or hi >= vocab:
+                raise CacheBuildError(f"--data {data}:{lineno}: token ids must lie in [0, {vocab}) (the teacher's "
+                                      f"vocabulary); found {lo}..{hi}.")
+            ids = np.asarray(ids, dtype=np.int64)
             prompt_len = doc.get("prompt_len", 0)
-            if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 0 <= prompt_len <= ids.size:
-                raise CacheBuildError(f"--data {data}: document {lineno} has prompt_len={prompt_len!r}; it must be "
-                                      f"an integer in [0, {ids.size}] (the document's token count).")
+            if not 0 <= prompt_len <= ids.size:
+                raise CacheBuildError(f"--data {data}:{lineno}: prompt_len={prompt_len!r} must lie in [0, {ids.size}] "
+                                      "(the document's token count).")
             pieces += [ids, np.asarray([eos], dtype=np.int64)]
             flag = np.ones(ids.size + 1, dtype=np.uint8)
             flag[:prompt_len] = 0
             flags.append(flag)
         tokens, response = np.concatenate(pieces), np.concatenate(flags)
-    vocab = int(cfg["vocab_size"])
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise CacheBuildError(f"data token ids must lie in [0, {vocab}); found {tokens.min()}..{tokens.max()}.")
     return np.ascontiguousarray(tokens, dtype=np.int32), response
 
 
@@ -290,8 +328,13 @@ def blocks_allowed_starts(response: np.ndarray, window: int, ctx_len: int, block
 
 # --------------------------------------------------------------------------- out dir
 def _known_files(out_dir: Path) -> list[Path]:
-    names = all_array_files() | {META_FILE, PROGRESS_FILE}
+    names = all_array_files() | {META_FILE, PROGRESS_FILE, MANIFEST_NAME}
     return [out_dir / n for n in sorted(names) if (out_dir / n).exists()]
+
+
+def _is_empty(out_dir: Path) -> bool:
+    """No file but (maybe) our own lock: a fresh out-dir."""
+    return not out_dir.exists() or all(p.name == LOCK_NAME for p in out_dir.iterdir())
 
 
 def _inspect_out_dir(
@@ -303,7 +346,7 @@ def _inspect_out_dir(
     nearest = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise CacheBuildError(f"--out-dir {out_dir}: {nearest} is not writable.")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if _is_empty(out_dir):
         return 0, False, []
     ours = _known_files(out_dir)
     if overwrite:
@@ -316,7 +359,7 @@ def _inspect_out_dir(
         )
     try:
         old = read_json(meta_path)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise CacheBuildError(f"{meta_path} is unreadable ({e}); pass --overwrite to rebuild.") from e
     diff = settings_diff(settings_of(old), settings_of(meta))
     if diff:
@@ -330,6 +373,10 @@ def _inspect_out_dir(
         )
     if old.get("complete"):
         if resume:
+            try:
+                verify_cache_files(out_dir, "size")
+            except CacheFormatError as e:
+                raise CacheBuildError(f"--out-dir {out_dir} is marked complete but is damaged: {e}") from e
             return int(meta["num_windows"]), True, []
         raise CacheBuildError(
             f"--out-dir {out_dir} already holds this cache, complete. Pass --overwrite to rebuild it."
@@ -371,6 +418,8 @@ def _build_meta(
         "layout": layout,
         "teacher": {
             "snapshot_dir": str(snapshot_dir),
+            "weights_fingerprint": _fingerprint(snapshot_dir),
+            "config": cfg,
             "model_type": cfg["model_type"],
             "hidden_size": int(cfg["hidden_size"]),
             "vocab_size": int(cfg["vocab_size"]),
@@ -397,6 +446,16 @@ def _build_meta(
         "build": {"batch_size": batch_size, "dp": dp, "tp": tp, "dtype": dtype},
         "nbytes": nbytes,
     }
+
+
+def _fingerprint(snapshot_dir: Path) -> str | None:
+    """The teacher's identity (``integrity.weights_fingerprint``); None for a config-only folder (a plan)."""
+    from dflash_gptoss.integrity import weights_fingerprint
+
+    try:
+        return weights_fingerprint(snapshot_dir) if any(snapshot_dir.glob("*.safetensors")) else None
+    except ValueError as e:
+        raise CacheBuildError(f"--model-snapshot-dir {snapshot_dir}: {e}") from e
 
 
 def plan_teacher_cache(
@@ -477,12 +536,25 @@ def plan_teacher_cache(
         dtype=dtype,
         nbytes=nbytes,
     )
-    start, complete, stale = _inspect_out_dir(out, meta, resume=resume, overwrite=overwrite)
-    reclaim = allocated_bytes(stale if overwrite else _known_files(out) if out.is_dir() else [])
-    if not complete:
-        check_free_space(
-            out, nbytes, layout=layout, reclaimable=reclaim, free_bytes=free_bytes, details=size_details(layout, **dims)
-        )
+    if out.exists() and not out.is_dir():
+        raise CacheBuildError(f"--out-dir {out} exists and is not a directory.")
+    existed = out.exists()
+    try:
+        lock = acquire_for_job(out, "teacher cache build")  # one writer per out-dir, before reading its state
+    except (LockHeldError, OSError) as e:
+        raise CacheBuildError(f"--out-dir {out}: {e}") from e
+    try:
+        start, complete, stale = _inspect_out_dir(out, meta, resume=resume, overwrite=overwrite)
+        reclaim = allocated_bytes(stale if overwrite else _known_files(out) if out.is_dir() else [])
+        if not complete:
+            check_free_space(out, nbytes, layout=layout, reclaimable=reclaim, free_bytes=free_bytes,
+                             details=size_details(layout, **dims))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if not existed and _is_empty(out):
+            shutil.rmtree(out, ignore_errors=True)  # only our lock file: leave no trace of a refused build
+        raise
     return BuildPlan(
         out_dir=out,
         snapshot_dir=snapshot,
@@ -506,6 +578,7 @@ def plan_teacher_cache(
         start_window=start,
         already_complete=complete,
         stale_files=stale,
+        lock=lock,
     )
 
 
@@ -649,14 +722,17 @@ class _Writer:
 
 
 def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
-    """Fresh build: delete stale files, write meta (complete: false), preallocate. Resume: reopen."""
+    """Fresh build: delete stale files, create the arrays with their disk space reserved, then write meta
+    (complete: false). Resume: reopen, and reserve whatever space the arrays still lack."""
     if plan.start_window > 0:
-        return open_memmaps(plan.out_dir, plan.specs, mode="r+")
+        arrays = open_memmaps(plan.out_dir, plan.specs, mode="r+")
+        reserve_disk([plan.out_dir / s.file for s in plan.specs.values()])
+        return arrays
     for f in plan.stale_files:
         f.unlink()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = create_memmaps(plan.out_dir, plan.specs)  # InsufficientSpaceError before any teacher work
     write_json_atomic(plan.out_dir / META_FILE, plan.meta)
-    arrays = create_memmaps(plan.out_dir, plan.specs)
     arrays["window_offsets"][:] = plan.offsets
     _flush(arrays)
     write_progress(plan.out_dir, 0, plan.num_windows)
@@ -736,25 +812,41 @@ def _checkpoint_shared(plan: BuildPlan, writer: _Writer, end: int) -> None:
         write_progress(plan.out_dir, end, plan.num_windows)
 
 
-def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildResult:
+def open_out_dir(plan: BuildPlan) -> dict[str, Any] | None:
+    """Create (or reopen) the cache's arrays with their disk space reserved: call BEFORE loading the
+    teacher, so a disk that cannot hold the cache is refused before any expensive work. None when the
+    cache is already complete. Past one process every process calls it (process 0 creates the files)."""
+    from dflash_gptoss.distributed import is_multiprocess
+
+    multi = is_multiprocess()
+    if multi:
+        _agree_across_processes(plan)
+    if plan.already_complete:
+        return None
+    return _prepare_shared(plan) if multi else prepare_out_dir(plan)
+
+
+def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
+             arrays: dict[str, Any] | None = None) -> BuildResult:
     """Run the teacher over the remaining chunks and write them; mark the cache complete last.
 
-    Past one process (JAX multi-controller, :mod:`dflash_gptoss.distributed`) every process runs
-    this with the same plan: the forward runs on the global mesh, each process feeds and writes
-    only its own rows of every chunk into the shared out-dir, and process 0 alone creates the
-    files, checkpoints progress (after a barrier) and marks the cache complete.
+    ``arrays`` are :func:`open_out_dir`'s (opened here when not given). Past one process (JAX
+    multi-controller, :mod:`dflash_gptoss.distributed`) every process runs this with the same plan:
+    the forward runs on the global mesh, each process feeds and writes only its own rows of every
+    chunk into the shared out-dir, and process 0 alone creates the files, checkpoints progress
+    (after a barrier) and marks the cache complete.
     """
     from tqdm.auto import tqdm
 
     from dflash_gptoss.distributed import is_main_process, is_multiprocess, sync
 
     multi = is_multiprocess()
-    if multi:
-        _agree_across_processes(plan)
+    if arrays is None:
+        arrays = open_out_dir(plan)
     if plan.already_complete:
+        _release(plan)
         return BuildResult(plan.out_dir, 0, 0, 0.0, read_json(plan.out_dir / META_FILE))
     _check_teacher(plan, teacher)
-    arrays = _prepare_shared(plan) if multi else prepare_out_dir(plan)
     unit = "block" if plan.layout == "blocks" else "window"
     bar = tqdm(
         total=plan.num_windows,
@@ -805,7 +897,14 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildRe
         meta = meta or read_json(plan.out_dir / META_FILE)
     else:
         meta = mark_complete(plan.out_dir, plan.meta)
+    _release(plan)
     return BuildResult(plan.out_dir, done[0], done[0] * plan.window_len, seconds, meta)
+
+
+def _release(plan: BuildPlan) -> None:
+    if plan.lock is not None:
+        plan.lock.release()
+        plan.lock = None
 
 
 def build_teacher_cache(
@@ -823,6 +922,7 @@ def build_teacher_cache(
     compiled forward across builds.
     """
     plan = plan_teacher_cache(model_snapshot_dir, out_dir, **settings)
+    arrays = open_out_dir(plan)
     if plan.already_complete:
-        return run_plan(plan, None, progress=progress)
-    return run_plan(plan, teacher if teacher is not None else load_teacher(plan), progress=progress)
+        return run_plan(plan, None, progress=progress, arrays=arrays)
+    return run_plan(plan, teacher if teacher is not None else load_teacher(plan), progress=progress, arrays=arrays)

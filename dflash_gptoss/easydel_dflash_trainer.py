@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -79,6 +80,30 @@ class TrainerInputError(ValueError):
     """A setting the trainer cannot run with (the message names the value and the fix)."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only); the message names the last good one."""
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or tensorstore's error text for one, anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) or any(t in str(e) for t in ("No space left", "Read-only file system",
+                                                                "Permission denied", "Disk quota")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_failure_reason(e: BaseException) -> str:
+    """The OSError's reason (``preflight.write_failure_reason``) or, for tensorstore's, its first line."""
+    from dflash_gptoss.preflight import write_failure_reason
+
+    first = e
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return write_failure_reason(e) if e is not None else str(first).splitlines()[0][:300]
+
+
 # ------------------------------------------------------------------------------- settings
 @dataclass
 class DFlashTrainingSettings:
@@ -107,8 +132,10 @@ class DFlashTrainingSettings:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     resume: bool = False
+    resume_if_possible: bool = False
     export_dir: str | None = None
     progress_bar: str = "tqdm"
+    verify_cache: str = "auto"  # "auto" | "size" | "full": how deeply the cache is checked against its manifest
 
 
 # ------------------------------------------------------------------------------- loss math
@@ -443,6 +470,37 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         })
         return super().on_step_end(state=state, metrics=metrics, step=step)
 
+    def _save_checkpoint_for_step(self, state: Any, *, step: int, force: bool = False, **kwargs: Any) -> Any:
+        """easydel's save, then the checkpoint's manifest (written last: only a finished save has one).
+
+        A failed save (a full disk, above all) removes the half-written ``run-<step>`` and raises
+        :class:`CheckpointWriteError` naming the newest good checkpoint, which stays untouched.
+        """
+        from dflash_gptoss.checkpoints import CHECKPOINT_KIND, newest_good
+        from dflash_gptoss.distributed import is_main_process, sync
+        from dflash_gptoss.integrity import write_manifest
+
+        target = Path(self.arguments.save_directory) / self.arguments.model_name / f"run-{int(step)}"
+        try:
+            saved = super()._save_checkpoint_for_step(state, step=step, force=force, **kwargs)
+            if saved is not None:
+                sync(f"dflash-checkpoint-{step}-saved")  # every process's shards are on disk
+                if is_main_process():
+                    write_manifest(saved, kind=CHECKPOINT_KIND, extra={"step": int(step)})
+                sync(f"dflash-checkpoint-{step}-manifest")
+        except Exception as e:
+            if not _is_write_failure(e):
+                raise
+            if is_main_process():
+                shutil.rmtree(target, ignore_errors=True)
+            good = newest_good(target.parent)
+            raise CheckpointWriteError(
+                f"saving checkpoint {target} failed: {_write_failure_reason(e)}. The half-written {target.name} "
+                "was removed; " + (f"the newest good checkpoint is {good} (verified): free space, then rerun "
+                                   "with --resume." if good else "no earlier checkpoint of this run exists.")
+            ) from e
+        return saved
+
     def log_metrics(self, metrics: Any, pbar: Any, step: int, mode: str = "train", **kwargs: Any) -> Any:
         """Add ``tokens_per_second`` (supervised draft slots per second) to what easydel shows.
 
@@ -590,11 +648,9 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     Returns ``(trainer, draft_config)``. Raises :class:`TrainerInputError` /
     ``CacheMismatchError`` before any compilation when the inputs cannot work together.
     """
-    from easydel.trainers import TrainingArguments
     from transformers import AutoConfig
 
     from dflash_gptoss.config import make_draft_config
-    from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
 
     validate_settings(s)
     if s.lr_schedule not in _SCHEDULES:
@@ -605,9 +661,14 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         raise TrainerInputError(
             f"vocab_size={vocab} is not divisible by tp={s.tp}: lm_head rows are sharded over tp; "
             f"pick a tp that divides {vocab}.")
-    ds = DFlashCacheDataset(s.cache_dir, seed=s.seed, bf16_as_bits=True)
+    if s.export_dir:
+        from dflash_gptoss.preflight import check_draft_export_dir
+
+        check_draft_export_dir(s.export_dir, "--export-dir")
+    ds = DFlashCacheDataset(s.cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     meta = ds.meta
     ds.validate(teacher_config=teacher_cfg)
+    ds.check_teacher(s.teacher_snapshot_dir)
     block_size = int(s.block_size or meta["block_size"])
     rows = s.total_batch_size * s.gradient_accumulation_steps
     if rows > ds.num_items:
@@ -616,6 +677,58 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     draft_config = make_draft_config(teacher_cfg, num_hidden_layers=s.num_draft_layers, block_size=block_size,
                                      mask_token_id=mask_id, layer_ids=list(meta["target_layer_ids"]))
     ds.validate(draft_config=draft_config)  # block size / layer ids / hidden size vs the cache
+    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
+    lock, resume_from = _claim_run_folder(s, draft_config, ds, gamma)
+    try:
+        return _assemble(s, ds, teacher_cfg, draft_config, block_size, mask_id, gamma, resume_from, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCacheDataset,
+                      gamma: float) -> tuple[Any, Path | None]:
+    """Lock ``save_directory/model_name`` for this job, pick (and verify) the checkpoint to resume, and
+    record or compare the run's fixed settings (``checkpoints`` module doc)."""
+    from dflash_gptoss.checkpoints import check_resume_matches, checkpoint_to_resume, run_record, write_run_record
+    from dflash_gptoss.distributed import is_main_process
+    from dflash_gptoss.job_lock import acquire_for_job
+
+    run_dir = Path(s.save_directory).absolute() / s.model_name
+    existed = run_dir.exists()
+    lock = acquire_for_job(run_dir, "draft training")
+    try:
+        resume_from = checkpoint_to_resume(run_dir, resume=s.resume, resume_if_possible=s.resume_if_possible)
+        data = ds.meta["data"]
+        record = run_record(draft_config, {
+            "total_batch_size": s.total_batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "anchors_per_window": s.anchors_per_window, "seed": s.seed, "loss_decay_gamma": gamma,
+            "cache": {"layout": ds.layout, "ctx_len": ds.meta["ctx_len"], "num_windows": ds.num_items,
+                      "tokens_sha256": data.get("tokens_sha256"),
+                      "teacher_fingerprint": ds.meta["teacher"].get("weights_fingerprint")}})
+        if resume_from is not None:
+            check_resume_matches(resume_from, record)
+        elif is_main_process():
+            write_run_record(run_dir, record)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if not existed and is_main_process():
+            shutil.rmtree(run_dir, ignore_errors=True)  # only our lock file: leave no trace of a refused run
+        raise
+    return lock, resume_from
+
+
+def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: Any, draft_config: Any,
+              block_size: int, mask_id: int, gamma: float, resume_from: Path | None,
+              lock: Any) -> tuple[DFlashTrainer, Any]:
+    """The expensive part of :func:`build_trainer`, once every input is known to be usable."""
+    from easydel.trainers import TrainingArguments
+
+    from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
+
+    meta, vocab = ds.meta, int(teacher_cfg.vocab_size)
     embed, lm_head = load_frozen_tables(s.teacher_snapshot_dir)
     if embed.shape != (vocab, int(teacher_cfg.hidden_size)) or lm_head.shape != embed.shape:
         raise CacheMismatchError(f"teacher tables {embed.shape}/{lm_head.shape} do not match its config.")
@@ -643,7 +756,7 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         log_steps=s.log_steps,
         report_steps=s.log_steps,
         save_steps=s.save_steps,
-        resume_if_possible=s.resume,
+        resume_if_possible=resume_from is not None,
         do_last_save=True,
         use_wandb=False,
         track_memory=False,
@@ -653,25 +766,25 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         shuffle_train_dataset=False,
         do_eval=False,
     )
-    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
                             seed=s.seed)
-    if s.resume:
-        latest = latest_checkpoint(s.save_directory, s.model_name)
+    trainer.run_lock = lock
+    if resume_from is not None:
         resumed = int(jax.device_get(trainer.model_state.step))
-        if latest is not None and resumed == 0:
-            raise TrainerInputError(f"--resume: easydel could not reload {latest} (see the warning above); refusing "
-                                    "to silently start from scratch. Move the checkpoint away or fix it.")
+        if resumed != int(resume_from.name[4:]):
+            raise TrainerInputError(f"--resume: easydel reloaded step {resumed}, not {resume_from} (see the warning "
+                                    "above); refusing to silently start from elsewhere.")
     return trainer, draft_config
 
 
 def latest_checkpoint(save_directory: str | Path, model_name: str) -> Path | None:
     """The ``run-<step>`` folder with the highest step under ``save_directory/model_name``, if any."""
-    root = Path(save_directory) / model_name
-    runs = [p for p in root.glob("run-*") if p.is_dir() and p.name[4:].isdigit()]
-    return max(runs, key=lambda p: int(p.name[4:])) if runs else None
+    from dflash_gptoss.checkpoints import checkpoints
+
+    found = checkpoints(Path(save_directory) / model_name)
+    return found[-1] if found else None
 
 
 def export_checkpoint(checkpoint_dir: str | Path, draft_config: Any, out_dir: str | Path, *,
@@ -680,11 +793,12 @@ def export_checkpoint(checkpoint_dir: str | Path, draft_config: Any, out_dir: st
 
     ``dp`` defaults to every device over ``tp`` (an easydel mesh must cover all visible devices).
     """
+    from dflash_gptoss.checkpoints import require_good
     from dflash_gptoss.easydel_dflash_draft_model import load_draft_state
     from dflash_gptoss.export_draft import export_nnx_draft
 
     dp = jax.device_count() // tp if dp is None else dp
-    state = load_draft_state(checkpoint_dir, dp=dp, tp=tp)
+    state = load_draft_state(require_good(Path(checkpoint_dir)), dp=dp, tp=tp)
     return export_nnx_draft(state.model, draft_config, out_dir, dtype=dtype)
 
 
@@ -692,13 +806,23 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
     """Build (unless ``built`` by :func:`build_trainer`), train with easydel's loop, export; a summary dict.
 
     ``export_dir`` set: the final state's draft is written as a torch folder the benchmark loads.
-    Past one process every process takes part in gathering the weights and process 0 writes.
+    Past one process every process takes part in gathering the weights and process 0 writes. The run
+    folder's lock is released when this returns.
     """
+    trainer, draft_config = built if built is not None else build_trainer(s)
+    try:
+        return _train_and_export(s, trainer, draft_config)
+    finally:
+        if getattr(trainer, "run_lock", None) is not None:
+            trainer.run_lock.release()
+            trainer.run_lock = None
+
+
+def _train_and_export(s: DFlashTrainingSettings, trainer: DFlashTrainer, draft_config: Any) -> dict[str, Any]:
     from dflash_gptoss.distributed import is_main_process, sync
     from dflash_gptoss.easydel_dflash_draft_model import param_arrays
     from dflash_gptoss.export_draft import export_nnx_draft
 
-    trainer, draft_config = built if built is not None else build_trainer(s)
     start_step = int(jax.device_get(trainer.model_state.step))
     output = trainer.train()
     state = getattr(output, "state", None) or trainer.model_state

@@ -8,7 +8,6 @@ Bad input prints one ``error:`` line and exits with code 2, before any JAX compi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -67,10 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MASK token id (default: 200000 for gpt-oss vocabularies, else the tokenizer's <|mask|>).")
     p.add_argument("--seed", type=int, default=0, help="draft init, data order and anchor sampling seed.")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME.")
+                   help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME (verified against its "
+                        "manifest; the draft's shape and data settings must match the run's). An error when there "
+                        "is no checkpoint, so a mistyped --model-name never restarts training silently.")
+    p.add_argument("--resume-if-possible", action="store_true",
+                   help="like --resume, but start afresh when SAVE_DIRECTORY/MODEL_NAME holds no checkpoint "
+                        "(for scripts that rerun one command). Without either flag, a folder that already holds "
+                        "checkpoints is refused.")
+    p.add_argument("--verify-cache", choices=("auto", "size", "full"), default="auto",
+                   help="how deeply the cache is checked against its manifest before training: 'size' (every file "
+                        "present at its size; instant), 'full' (every byte re-hashed, ~1.4 GB/s), 'auto' (full up "
+                        "to 4 GiB, else size; scripts/dflash_verify.py checks a large cache fully).")
     p.add_argument("--export-dir", default=None,
                    help="after training, write the final draft as a torch/HF folder (config.json + "
-                        "model.safetensors) that the benchmark loads.")
+                        "model.safetensors) that the benchmark loads; checked before training: it must be new, "
+                        "empty, or an earlier draft export.")
     p.add_argument("--summary-json", default=None, help="write the run summary (per-step history) here.")
     add_distributed_args(p)
     return p
@@ -86,11 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
+    from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file, write_failure_message
+
+    try:  # every output path, before anything expensive
+        check_output_dir(Path(args.save_directory) / args.model_name, "--save-directory/--model-name")
+        if args.summary_json:
+            check_output_file(args.summary_json, "--summary-json")
+    except OutputPathError as exc:
+        parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
 
     from dflash_gptoss.cache_format import CacheFormatError
     from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
-    from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings, build_trainer, run_training
+    from dflash_gptoss.easydel_dflash_trainer import (
+        CheckpointWriteError,
+        DFlashTrainingSettings,
+        build_trainer,
+        run_training,
+    )
+    from dflash_gptoss.job_lock import LockHeldError
 
     settings = DFlashTrainingSettings(
         cache_dir=args.cache_dir, teacher_snapshot_dir=args.teacher_snapshot_dir,
@@ -101,12 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, num_draft_layers=args.num_draft_layers,
         loss_decay_gamma=args.loss_decay_gamma, anchors_per_window=args.anchors_per_window,
-        mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume, export_dir=args.export_dir)
+        mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
+        resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir)
     try:  # every input check happens while building (before compiling); ValueError = bad input here
         built = build_trainer(settings)
-    except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError) as exc:
+    except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError, LockHeldError) as exc:
         parser.error(str(exc).replace("\n", " "))
-    summary = run_training(settings, built)
+    try:
+        summary = run_training(settings, built)
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the export or another write after training
+        print(f"error: {write_failure_message(exc, 'writing the training outputs')} The checkpoints are kept: "
+              "rerun with --resume (and a writable --export-dir) to export them.", file=sys.stderr)
+        return 1
     from dflash_gptoss.distributed import is_main_process
 
     if not is_main_process():  # every process holds the same history; process 0 reports and writes
@@ -119,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{last['expected_accept_len']:.3f}; checkpoint {summary['checkpoint']}"
               + (f"; exported to {summary['export_dir']}" if "export_dir" in summary else ""))
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+        from dflash_gptoss.cache_format import write_json_atomic
+
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.summary_json, summary)
     return 0
 
 
