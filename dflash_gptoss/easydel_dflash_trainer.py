@@ -42,6 +42,7 @@ on dp=8 x tp=1 equals dp=2 x tp=4).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -428,6 +429,25 @@ def _single_writer_checkpoint_files() -> None:
     fsspec_utils.should_write_shared_checkpoint_files = lambda path: jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def _resume_exactly(checkpoint: Path | None) -> Iterator[None]:
+    """Make easydel resume from ``checkpoint`` (our verified choice) and nothing else.
+
+    easydel 0.3.0 resumes from eformer's ``find_latest_checkpoint``, which takes the newest folder holding
+    a ``metadata.json`` by its timestamp: a half-written ``run-<step>`` or one the user moved aside as
+    damaged would be picked. The base ``__init__`` imports that function when it runs, so it is replaced
+    for the duration of the call.
+    """
+    from eformer.serialization import checkpointer
+
+    original = checkpointer.find_latest_checkpoint
+    checkpointer.find_latest_checkpoint = lambda base_path: None if checkpoint is None else str(checkpoint)
+    try:
+        yield
+    finally:
+        checkpointer.find_latest_checkpoint = original
+
+
 def _trainer_base() -> type:
     from easydel.trainers import Trainer
 
@@ -443,7 +463,7 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
 
     def __init__(self, arguments: Any, model: Any, *, dataset: DFlashCacheDataset, embed: np.ndarray,
                  lm_head: np.ndarray, block_size: int, mask_token_id: int, loss_decay_gamma: float,
-                 anchors_per_window: int, vocab_chunk_size: int, seed: int) -> None:
+                 anchors_per_window: int, vocab_chunk_size: int, seed: int, resume_from: Path | None = None) -> None:
         self.cache = dataset
         self.block_size = int(block_size)
         self.mask_token_id = int(mask_token_id)
@@ -456,7 +476,8 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, P("tp", None)))
         self.batch_sharding = NamedSharding(mesh, P("dp"))
         self.history: list[dict[str, float]] = []
-        super().__init__(arguments=arguments, model=model)
+        with _resume_exactly(resume_from):
+            super().__init__(arguments=arguments, model=model)
 
     def on_step_end(self, state: Any, metrics: Any, step: int) -> tuple[Any, Any]:
         """Keep every step's loss and acceptance figures (tests and the run summary read them)."""
@@ -769,7 +790,7 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
-                            seed=s.seed)
+                            seed=s.seed, resume_from=resume_from)
     trainer.run_lock = lock
     if resume_from is not None:
         resumed = int(jax.device_get(trainer.model_state.step))
