@@ -43,7 +43,7 @@ on dp=8 x tp=1 equals dp=2 x tp=4).
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import math
 import shutil
 from collections.abc import Iterator
@@ -59,12 +59,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset, valid_anchor_range
+from dflash_gptoss.training_data import host_batch, load_frozen_tables
 
 __all__ = [
     "DFlashTrainer",
     "DFlashTrainingSettings",
     "TrainerInputError",
-    "anchor_positions_for_step",
     "build_trainer",
     "dflash_batch_loss",
     "export_checkpoint",
@@ -72,7 +72,6 @@ __all__ = [
     "run_training",
     "dflash_loss_and_metrics",
     "expected_accept_length",
-    "load_frozen_tables",
     "slot_weights",
 ]
 
@@ -137,6 +136,10 @@ class DFlashTrainingSettings:
     export_dir: str | None = None
     progress_bar: str = "tqdm"
     verify_cache: str = "auto"  # "auto" | "size" | "full": how deeply the cache is checked against its manifest
+    eval_cache_dir: str | None = None  # held-out cache: evaluated every eval_steps (and at the first/last step)
+    eval_steps: int | None = None
+    keep_best: bool = False  # export the evaluation with the best held-out mean accepted length
+    export_check_blocks: int = 1024  # blocks the export check proposes with the exported torch draft
 
 
 # ------------------------------------------------------------------------------- loss math
@@ -184,8 +187,8 @@ def dflash_loss_and_metrics(
     Slot k's hidden state proposes the token AT position anchor+k (same-position prediction:
     its label is column k of ``target_ids``, no shift). ``anchor_weights`` [b, nb] (1 = a real
     block, 0 = a filler anchor of a window with too few response anchors) weigh the blocks in
-    every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy and
-    both acceptance-length figures.
+    every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy,
+    both acceptance-length figures and the per-block, per-slot correctness ``correct``.
     """
     from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy
 
@@ -208,6 +211,7 @@ def dflash_loss_and_metrics(
         "accuracy": jnp.mean(slot_acc),
         "expected_accept_len": expected_accept_length(slot_acc),
         "mean_accept_len": 1.0 + jnp.sum(leading_run * aw) / blocks,
+        "correct": correct,  # [b, nb, B-1]: per block and slot (held-out evaluation, export check)
     }
     return loss, metrics
 
@@ -301,103 +305,6 @@ def dflash_training_step(
     return state, metrics
 
 
-# ------------------------------------------------------------------------------- data
-def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window: int, rows: int,
-                              seed: int, step: int, *, allowed: np.ndarray | None = None, row_offset: int = 0,
-                              global_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Anchors ``[rows, A]`` and their weights for a ``windows`` batch, drawn afresh each step.
-
-    Valid anchors are ``n`` in ``[1, ctx_len - B + 1]`` (``valid_anchor_range``): ``n >= 1`` so a
-    block has at least one context position, and the last slot's label ``labels[n + B - 2]``
-    must lie inside the window. ``A = min(anchors_per_window, number of valid anchors)``, drawn
-    without replacement. ``allowed`` (bool ``[rows, hi-lo+1]``, from
-    ``easydel_dflash_cache.response_anchor_mask``) keeps anchors out of prompts: allowed ones
-    are drawn first, and a row with fewer than ``A`` fills up with weight-0 anchors.
-
-    Keys are drawn for the whole global batch of ``global_rows`` (default ``rows``) seeded by
-    ``(seed, step)`` and rows ``row_offset ..`` taken, so a resumed run and any number of
-    processes see the same anchors.
-    """
-    lo, hi = valid_anchor_range(ctx_len, block_size)
-    count = min(int(anchors_per_window), hi - lo + 1)
-    rng = np.random.default_rng([int(seed), int(step), 0xA7])
-    g = rows if global_rows is None else int(global_rows)
-    keys = rng.random((g, hi - lo + 1))[row_offset: row_offset + rows]
-    if allowed is not None:
-        keys = keys + 2.0 * ~allowed  # keys lie in [0, 1): every allowed anchor sorts before any other
-    picks = np.sort(np.argsort(keys, axis=1)[:, :count], axis=1)
-    weights = np.ones(picks.shape, np.float32) if allowed is None else np.take_along_axis(allowed, picks, 1)
-    return (picks + lo).astype(np.int32), weights.astype(np.float32)
-
-
-def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
-               seed: int, step: int, row_offset: int = 0, global_rows: int | None = None) -> dict[str, np.ndarray]:
-    """One host's numpy batch in the layout-independent form the step function reads.
-
-    ``rows`` are rows ``row_offset ..`` of a global batch of ``global_rows`` (default: ``len(rows)``,
-    one host): anchors are drawn for the whole global batch and sliced, so a batch is the same
-    however many processes feed it.
-
-    ``context_features`` [b, C, K*H] (bf16 bits), ``target_ids`` [b, nb, B] (column 0 the anchor
-    token, column k the teacher's token AT anchor+k), ``anchor_positions`` [b, nb]. ``blocks``:
-    nb = 1, anchor at position ``ctx_len`` (the window's features are positions 0..ctx_len-1).
-    """
-    from dflash_gptoss.easydel_dflash_cache import response_anchor_mask, window_block_target_ids
-
-    raw = ds.get_batch(rows)
-    ctx_len = int(ds.meta["ctx_len"])
-    if ds.layout == "blocks":
-        return {
-            "context_features": raw["context_features"],
-            "target_ids": raw["target_ids"][:, None, :].astype(np.int32),
-            "anchor_positions": np.full((len(rows), 1), ctx_len, dtype=np.int32),
-            "anchor_weights": np.ones((len(rows), 1), dtype=np.float32),  # the builder drew response blocks only
-        }
-    anchors, weights = anchor_positions_for_step(
-        ctx_len, block_size, anchors_per_window, len(rows), seed, step, row_offset=row_offset,
-        global_rows=global_rows, allowed=response_anchor_mask(raw["response"], block_size))
-    return {
-        "context_features": raw["features"],  # every position; block j sees only positions < its anchor
-        "target_ids": window_block_target_ids(raw["token_ids"], raw["labels"], anchors, block_size),
-        "anchor_positions": anchors,
-        "anchor_weights": weights,
-    }
-
-
-# ------------------------------------------------------------------------------- frozen tables
-def _safetensors_files(snapshot: Path) -> list[Path]:
-    index = snapshot / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [snapshot / n for n in names]
-    files = sorted(snapshot.glob("*.safetensors"))
-    if not files:
-        raise TrainerInputError(f"no *.safetensors in --teacher-snapshot-dir {snapshot}.")
-    return files
-
-
-def load_frozen_tables(snapshot_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(``embed_tokens`` [V, H], ``lm_head.weight`` [V, H]) as float32 numpy, from the teacher snapshot.
-
-    Read through torch's safetensors loader because numpy has no bf16 (the real gpt-oss
-    stores both in bf16; the conversion to float32 is exact).
-    """
-    from safetensors import safe_open
-
-    wanted = {"model.embed_tokens.weight": None, "lm_head.weight": None}
-    for path in _safetensors_files(Path(snapshot_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for name in wanted:
-                if wanted[name] is None and name in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    wanted[name] = f.get_tensor(name).float().numpy()
-    if wanted["lm_head.weight"] is None and wanted["model.embed_tokens.weight"] is not None:
-        wanted["lm_head.weight"] = wanted["model.embed_tokens.weight"]  # tied embeddings
-    missing = [k for k, v in wanted.items() if v is None]
-    if missing:
-        raise TrainerInputError(f"teacher snapshot {snapshot_dir} lacks {missing}.")
-    return wanted["model.embed_tokens.weight"], wanted["lm_head.weight"]
-
-
 # ------------------------------------------------------------------------------- the trainer
 def _rng_keys_on_mesh(model: Any) -> None:
     """Past one process: make the model's RNG keys global, replicated arrays.
@@ -427,6 +334,14 @@ def _single_writer_checkpoint_files() -> None:
     from eformer.serialization import fsspec_utils
 
     fsspec_utils.should_write_shared_checkpoint_files = lambda path: jax.process_index() == 0
+
+
+@functools.cache
+def _logger() -> Any:
+    """easydel's logger for this module, made once (every ``get_logger`` call adds another handler)."""
+    from easydel.utils.helpers import get_logger
+
+    return get_logger(__name__)
 
 
 @contextlib.contextmanager
@@ -463,8 +378,15 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
 
     def __init__(self, arguments: Any, model: Any, *, dataset: DFlashCacheDataset, embed: np.ndarray,
                  lm_head: np.ndarray, block_size: int, mask_token_id: int, loss_decay_gamma: float,
-                 anchors_per_window: int, vocab_chunk_size: int, seed: int, resume_from: Path | None = None) -> None:
+                 anchors_per_window: int, vocab_chunk_size: int, seed: int, resume_from: Path | None = None,
+                 eval_set: Any = None, eval_cache: DFlashCacheDataset | None = None, eval_steps: int | None = None,
+                 keep_best: bool = False) -> None:
         self.cache = dataset
+        self.eval_set, self.eval_steps, self.keep_best = eval_set, eval_steps, bool(keep_best)
+        self.eval_cache = eval_cache
+        self.eval_history: list[dict[str, Any]] = []
+        self.best: tuple[int, Any] | None = None  # (step, a device copy of its parameters) under --keep-best
+        self._evaluators: dict[int, Any] = {}
         self.block_size = int(block_size)
         self.mask_token_id = int(mask_token_id)
         self.anchors_per_window = int(anchors_per_window)
@@ -478,9 +400,49 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         self.history: list[dict[str, float]] = []
         with _resume_exactly(resume_from):
             super().__init__(arguments=arguments, model=model)
+        self.first_step = int(jax.device_get(self.model_state.step))
+
+    # --- held-out evaluation ----------------------------------------------------
+    def evaluator(self, eval_set: Any = None) -> Any:
+        """A :class:`HeldoutEvaluator` on this trainer's mesh and shardings (the run's eval set by default)."""
+        from dflash_gptoss.heldout_eval import HeldoutEvaluator
+
+        eval_set = self.eval_set if eval_set is None else eval_set
+        if id(eval_set) not in self._evaluators:
+            self._evaluators[id(eval_set)] = HeldoutEvaluator(
+                self.model_state, eval_set, embed=self.frozen_embed, lm_head=self.frozen_lm_head,
+                batch_sharding=self.batch_sharding, graph_shardings=self.state_shardings.graphstate,
+                table_sharding=NamedSharding(self.model.mesh, P("tp", None)),
+                loss_kwargs=dict(mesh=self.model.mesh, mask_token_id=self.mask_token_id, weights=self.loss_weights,
+                                 vocab_chunk_size=self.vocab_chunk_size))
+        return self._evaluators[id(eval_set)]
+
+    def _should_evaluate(self, step: int) -> bool:
+        """The first step of this run, every ``eval_steps``, and the last step."""
+        if self.eval_set is None:
+            return False
+        return (step == self.first_step + 1 or step == int(self.arguments.max_training_steps)
+                or (self.eval_steps is not None and step % self.eval_steps == 0))
+
+    def _evaluate(self, state: Any, step: int) -> None:
+        entry, _ = self.evaluator().evaluate(state.graphstate, step)
+        self.eval_history.append(entry)
+        if self.keep_best and (self.best is None or entry["eval_accept_len_mean"] > self._best_mean()):
+            self.best = (int(step), jax.tree.map(lambda x: x.copy(), state.graphstate))
+        _logger().info(
+            f"held-out eval at step {step}: loss {entry['eval_loss']:.4f}, accepted length mean "
+            f"{entry['eval_accept_len_mean']:.3f} / median {entry['eval_accept_len_median']:g} / p90 "
+            f"{entry['eval_accept_len_p90']:g} over {entry['eval_blocks']} blocks ({entry['eval_seconds']:.2f} s)"
+            + (f"; best so far: step {self.best[0]}" if self.best is not None else ""))
+
+    def _best_mean(self) -> float:
+        return next(e["eval_accept_len_mean"] for e in self.eval_history if e["step"] == self.best[0])
 
     def on_step_end(self, state: Any, metrics: Any, step: int) -> tuple[Any, Any]:
-        """Keep every step's loss and acceptance figures (tests and the run summary read them)."""
+        """Keep every step's loss and acceptance figures (tests and the run summary read them), and run the
+        held-out evaluation when it is due."""
+        if self._should_evaluate(int(step)):
+            self._evaluate(state, int(step))
         other = metrics.other_metrics or {}
         self.history.append({
             "step": int(step),
@@ -621,6 +583,16 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         _check_positive(name, getattr(s, name))
     if s.save_steps is not None:
         _check_positive("save_steps", s.save_steps)
+    if s.eval_steps is not None:
+        _check_positive("eval_steps", s.eval_steps)
+        if not s.eval_cache_dir:
+            raise TrainerInputError("--eval-steps needs --eval-cache-dir (the held-out cache to evaluate on).")
+    if s.keep_best and not s.eval_cache_dir:
+        raise TrainerInputError("--keep-best needs --eval-cache-dir: the best checkpoint is chosen by its held-out "
+                                "accepted length; build a held-out cache (README) or drop --keep-best.")
+    if s.eval_cache_dir and not Path(s.eval_cache_dir).is_dir():
+        raise TrainerInputError(f"--eval-cache-dir {s.eval_cache_dir} is not a directory.")
+    _check_positive("export_check_blocks", s.export_check_blocks)
     if s.total_batch_size % s.dp:
         raise TrainerInputError(
             f"total_batch_size={s.total_batch_size} is not divisible by dp={s.dp}: the global batch is sharded "
@@ -699,13 +671,26 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
                                      mask_token_id=mask_id, layer_ids=list(meta["target_layer_ids"]))
     ds.validate(draft_config=draft_config)  # block size / layer ids / hidden size vs the cache
     gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
+    held_out = _held_out(s, ds, block_size)
     lock, resume_from = _claim_run_folder(s, draft_config, ds, gamma)
     try:
-        return _assemble(s, ds, teacher_cfg, draft_config, block_size, mask_id, gamma, resume_from, lock)
+        return _assemble(s, ds, teacher_cfg, draft_config, block_size, mask_id, gamma, resume_from, lock, held_out)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int) -> tuple[Any, Any]:
+    """(eval cache, its fixed eval set) when ``--eval-cache-dir`` is given, else (None, None)."""
+    if not s.eval_cache_dir:
+        return None, None
+    from dflash_gptoss.heldout_eval import build_eval_set, check_eval_cache
+
+    eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
+    check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
+    return eval_ds, build_eval_set(eval_ds, block_size=block_size, anchors_per_window=s.anchors_per_window,
+                                   rows_per_batch=s.total_batch_size)
 
 
 def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCacheDataset,
@@ -743,7 +728,7 @@ def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCa
 
 def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: Any, draft_config: Any,
               block_size: int, mask_id: int, gamma: float, resume_from: Path | None,
-              lock: Any) -> tuple[DFlashTrainer, Any]:
+              lock: Any, held_out: tuple[Any, Any]) -> tuple[DFlashTrainer, Any]:
     """The expensive part of :func:`build_trainer`, once every input is known to be usable."""
     from easydel.trainers import TrainingArguments
 
@@ -790,7 +775,8 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
-                            seed=s.seed, resume_from=resume_from)
+                            seed=s.seed, resume_from=resume_from, eval_cache=held_out[0], eval_set=held_out[1],
+                            eval_steps=s.eval_steps, keep_best=s.keep_best)
     trainer.run_lock = lock
     if resume_from is not None:
         resumed = int(jax.device_get(trainer.model_state.step))
@@ -840,9 +826,7 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
 
 
 def _train_and_export(s: DFlashTrainingSettings, trainer: DFlashTrainer, draft_config: Any) -> dict[str, Any]:
-    from dflash_gptoss.distributed import is_main_process, sync
-    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
-    from dflash_gptoss.export_draft import export_nnx_draft
+    from dflash_gptoss.trainer_export import export_checked
 
     start_step = int(jax.device_get(trainer.model_state.step))
     output = trainer.train()
@@ -851,15 +835,11 @@ def _train_and_export(s: DFlashTrainingSettings, trainer: DFlashTrainer, draft_c
         "start_step": start_step,
         "final_step": int(jax.device_get(state.step)),
         "history": trainer.history,
+        "eval_history": trainer.eval_history,
+        "best_eval_step": trainer.best[0] if trainer.best is not None else None,
         "checkpoint": str(latest_checkpoint(s.save_directory, s.model_name)),
     }
     if s.export_dir:
-        from jax.experimental import multihost_utils
-
-        params = {k: v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True)
-                  for k, v in param_arrays(state.model).items()}  # a collective past one process
-        if is_main_process():
-            export_nnx_draft(params, draft_config, s.export_dir)
-        sync("dflash-export-written")
-        summary["export_dir"] = str(Path(s.export_dir))
+        summary.update(export_checked(trainer, draft_config, state, s.export_dir,
+                                      teacher_snapshot_dir=s.teacher_snapshot_dir, max_blocks=s.export_check_blocks))
     return summary

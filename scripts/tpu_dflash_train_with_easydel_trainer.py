@@ -81,7 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, write the final draft as a torch/HF folder (config.json + "
                         "model.safetensors) that the benchmark loads; checked before training: it must be new, "
                         "empty, or an earlier draft export.")
-    p.add_argument("--summary-json", default=None, help="write the run summary (per-step history) here.")
+    p.add_argument("--summary-json", default=None,
+                   help="write the run summary here (per-step history, eval_history, export_check).")
+    p.add_argument("--eval-cache-dir", default=None,
+                   help="a HELD-OUT teacher cache (same teacher and geometry as --cache-dir, built from data the "
+                        "training cache never saw): its fixed seeded blocks are scored at the first step, every "
+                        "--eval-steps and the last step (loss, per-slot accuracy, teacher-forced accepted length "
+                        "as the benchmark counts it: mean, median, p90, histogram).")
+    p.add_argument("--eval-steps", type=_positive_int, default=None,
+                   help="evaluate on --eval-cache-dir every N steps (besides the first and the last).")
+    p.add_argument("--keep-best", action="store_true",
+                   help="export the evaluated step with the best held-out mean accepted length instead of the last "
+                        "(among this run's evaluations; needs --eval-cache-dir).")
+    p.add_argument("--export-check-blocks", type=_positive_int, default=1024,
+                   help="blocks on which the exported torch draft must reproduce the JAX draft's accepted length "
+                        "(within 0.02) and slot accuracies (within 0.01) before the export is put in place; "
+                        "held-out blocks when --eval-cache-dir is given, else training-cache blocks.")
     add_distributed_args(p)
     return p
 
@@ -114,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         build_trainer,
         run_training,
     )
+    from dflash_gptoss.export_check import ExportCheckError
     from dflash_gptoss.job_lock import LockHeldError
 
     settings = DFlashTrainingSettings(
@@ -126,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay, num_draft_layers=args.num_draft_layers,
         loss_decay_gamma=args.loss_decay_gamma, anchors_per_window=args.anchors_per_window,
         mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
-        resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir)
+        resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir,
+        eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
+        export_check_blocks=args.export_check_blocks)
     try:  # every input check happens while building (before compiling); ValueError = bad input here
         built = build_trainer(settings)
     except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError, LockHeldError) as exc:
         parser.error(str(exc).replace("\n", " "))
     try:
         summary = run_training(settings, built)
-    except CheckpointWriteError as exc:
+    except (CheckpointWriteError, ExportCheckError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the export or another write after training
@@ -151,6 +169,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{last['loss']:.4f}, expected accepted length {first['expected_accept_len']:.3f} -> "
               f"{last['expected_accept_len']:.3f}; checkpoint {summary['checkpoint']}"
               + (f"; exported to {summary['export_dir']}" if "export_dir" in summary else ""))
+    for entry in summary["eval_history"][-1:]:
+        best = summary["best_eval_step"]
+        print(f"held-out accepted length at step {entry['step']}: mean {entry['eval_accept_len_mean']:.3f}, median "
+              f"{entry['eval_accept_len_median']:g}, p90 {entry['eval_accept_len_p90']:g} "
+              f"({entry['eval_blocks']} blocks)" + (f"; best at step {best}" if best is not None else ""))
+    check = summary.get("export_check")
+    if check:
+        print(f"export check (step {summary['exported_step']}, {summary['exported_from']}): accepted length JAX "
+              f"{check['jax_accept_len_mean']:.4f} vs exported torch {check['torch_accept_len_mean']:.4f} on "
+              f"{check['num_anchors']} {check['blocks_from']} blocks: passed")
     if args.summary_json:
         from dflash_gptoss.cache_format import write_json_atomic
 
