@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME.")
     p.add_argument("--export-dir", default=None,
                    help="after training, write the final draft as a torch/HF folder (config.json + "
-                        "model.safetensors) that the benchmark loads.")
+                        "model.safetensors + its modeling code, loadable with AutoModel and trust_remote_code) that "
+                        "the benchmark and serving engines load. Written to a temporary folder, then renamed into "
+                        "place; an existing folder must be empty or an earlier draft (it is replaced).")
     p.add_argument("--summary-json", default=None, help="write the run summary (per-step history) here.")
     add_distributed_args(p)
     return p
@@ -86,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
+    if args.export_dir:  # refused now, not after hours of training
+        from dflash_gptoss.export_draft import ExportDirError, check_export_dir
+
+        try:
+            check_export_dir(args.export_dir)
+        except ExportDirError as exc:
+            parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
 
     from dflash_gptoss.cache_format import CacheFormatError
