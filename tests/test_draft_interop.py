@@ -63,28 +63,56 @@ def _as_nnx_params(draft: DFlashDraftModel) -> dict[tuple[str, ...], object]:
 
 # A Python where dflash_gptoss cannot be imported: isolated mode (no PYTHONPATH, no cwd on the
 # path), the editable install's finder removed, and every sys.path entry holding the package dropped.
-# It then loads each folder with AutoModel + trust_remote_code and saves the outputs.
+# It loads each folder with AutoModel + trust_remote_code (the folder's own code) and, as a loader that
+# runs no remote code would, with a plain Qwen3Config; then it saves outputs and rotary tables.
 _ISOLATED_LOADER = r"""
 import importlib.util, os, sys
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
 sys.path_importer_cache.clear()
 sys.path[:] = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "dflash_gptoss"))]
+if sys.argv[3]:
+    sys.path.insert(0, sys.argv[3])  # another transformers (e.g. 4.57.1), installed with --target
 assert importlib.util.find_spec("dflash_gptoss") is None, "dflash_gptoss is still importable"
-import torch
-from transformers import AutoConfig, AutoModel
+import torch, transformers
+from transformers import AutoConfig, AutoModel, Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 inputs = torch.load(sys.argv[1])
 results = {}
-for folder in sys.argv[3:]:
+for folder in sys.argv[4:]:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
         out = model(**inputs)
+    plain = Qwen3RotaryEmbedding(Qwen3Config.from_pretrained(folder))
     results[folder] = {"out": out, "model_module": type(model).__module__, "model_class": type(model).__name__,
-                       "config_class": type(config).__name__, "rope_theta": config.rope_parameters["rope_theta"]}
+                       "config_class": type(config).__name__, "transformers": transformers.__version__,
+                       "plain_inv_freq": plain.inv_freq, "plain_scaling": plain.attention_scaling}
 assert not any(m == "dflash_gptoss" or m.startswith("dflash_gptoss.") for m in sys.modules)
 torch.save(results, sys.argv[2])
 """
+
+
+def _load_in_isolation(tmp_path: Path, inputs: dict[str, torch.Tensor], folders: list[Path],
+                       transformers_path: str = "") -> dict[str, dict]:
+    """Run :data:`_ISOLATED_LOADER` on ``folders``; its results by folder."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-I", "-c", _ISOLATED_LOADER, str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "outputs.pt"), transformers_path, *map(str, folders)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "outputs.pt")
+
+
+def _assert_same_draft(got: dict, draft: DFlashDraftModel, expected: torch.Tensor) -> None:
+    assert got["model_module"].startswith("transformers_modules."), got["model_module"]  # the folder's copy
+    assert (got["model_class"], got["config_class"]) == ("DFlashDraftModel", "DFlashDraftConfig")
+    assert torch.equal(got["out"], expected), (got["out"] - expected).abs().max()
+    # A loader without our code (plain Qwen3Config, as engines read the folder) gets our exact RoPE.
+    assert torch.equal(got["plain_inv_freq"], draft.rotary_emb.inv_freq)
+    assert got["plain_scaling"] == draft.rotary_emb.attention_scaling
 
 
 def test_saved_and_exported_folders_load_with_automodel_without_dflash_gptoss(tmp_path):
@@ -93,8 +121,7 @@ def test_saved_and_exported_folders_load_with_automodel_without_dflash_gptoss(tm
     saved = tmp_path / "saved"
     draft.save_pretrained(saved)
     # The trainer's --export-dir path: export_nnx_draft over the {nnx path: array} mapping run_training passes.
-    params = _as_nnx_params(draft)
-    exported = export_nnx_draft(params, draft.config, tmp_path / "exported")
+    exported = export_nnx_draft(_as_nnx_params(draft), draft.config, tmp_path / "exported")
     for folder in (saved, exported):
         files = sorted(p.name for p in folder.iterdir())
         assert files == ["config.json", "configuration_gptoss_dflash.py", "model.safetensors",
@@ -103,24 +130,33 @@ def test_saved_and_exported_folders_load_with_automodel_without_dflash_gptoss(tm
         assert raw["auto_map"] == {"AutoConfig": "configuration_gptoss_dflash.DFlashDraftConfig",
                                    "AutoModel": "modeling_gptoss_dflash.DFlashDraftModel"}
         assert raw["model_type"] == "qwen3" and raw["architectures"] == ["DFlashDraftModel"]
-
     inputs = _draft_inputs(draft)
     with torch.no_grad():
         expected = draft(**inputs)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-I", "-c", _ISOLATED_LOADER, str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "outputs.pt"), str(saved), str(exported)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = torch.load(tmp_path / "outputs.pt")
+    results = _load_in_isolation(tmp_path, inputs, [saved, exported])
     for folder in (saved, exported):
-        got = results[str(folder)]
-        assert got["model_module"].startswith("transformers_modules."), got["model_module"]  # the folder's copy
-        assert (got["model_class"], got["config_class"]) == ("DFlashDraftModel", "DFlashDraftConfig")
-        assert got["rope_theta"] == draft.config.rope_parameters["rope_theta"]
-        assert torch.equal(got["out"], expected), (folder.name, (got["out"] - expected).abs().max())
+        _assert_same_draft(results[str(folder)], draft, expected)
+
+
+@pytest.mark.skipif(not os.environ.get("DFLASH_TRANSFORMERS4_PATH"),
+                    reason="set DFLASH_TRANSFORMERS4_PATH to a transformers 4.x installed with pip --target "
+                           "(see the test's docstring)")
+def test_folder_loads_on_transformers_4x(tmp_path):
+    """The same proof under transformers 4.x (z-lab's reference pins 4.57.1), YaRN as gpt-oss-20b's.
+
+    Needs a second transformers beside the venv's, e.g.
+    ``pip install --no-deps --target /tmp/tf4 transformers==4.57.1 huggingface_hub==0.36.0`` then
+    ``DFLASH_TRANSFORMERS4_PATH=/tmp/tf4 pytest tests/test_draft_interop.py -k transformers_4x``.
+    """
+    draft = _tiny_draft(head_dim=64, rope_parameters=dict(GPT_OSS_20B_ROPE), max_position_embeddings=131072)
+    draft.save_pretrained(tmp_path / "draft")
+    inputs = _draft_inputs(draft)
+    with torch.no_grad():
+        expected = draft(**inputs)
+    got = _load_in_isolation(tmp_path, inputs, [tmp_path / "draft"], os.environ["DFLASH_TRANSFORMERS4_PATH"])
+    got = got[str(tmp_path / "draft")]
+    assert got["transformers"].startswith("4."), got["transformers"]
+    _assert_same_draft(got, draft, expected)
 
 
 def test_legacy_rope_keys_alone_build_our_rotary_embedding(tmp_path):
