@@ -25,9 +25,6 @@ from typing import Any
 
 from transformers import Qwen3Config
 
-DRAFT_CONFIG_KEYS = ("block_size", "num_target_layers", "dflash_config")
-"""Top-level keys that make a ``config.json`` a DFlash draft's (``dflash_config`` holds the rest)."""
-
 
 def is_draft_config_dict(raw: dict[str, Any]) -> bool:
     """Whether a parsed ``config.json`` describes a DFlash draft (the one test every check uses)."""
@@ -102,7 +99,6 @@ class DFlashDraftConfig(Qwen3Config):
 
 
 __all__ = [
-    "DRAFT_CONFIG_KEYS",
     "DFlashDraftConfig",
     "draft_block_size",
     "draft_mask_token_id",

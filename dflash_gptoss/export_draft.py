@@ -90,7 +90,13 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None]) 
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the earlier draft back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     return out
 
