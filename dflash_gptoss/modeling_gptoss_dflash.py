@@ -178,7 +178,8 @@ class DFlashDraftModel(PreTrainedModel):
         if local.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
             check_draft_folder(local)
             pretrained_model_name_or_path = local
-        kwargs.setdefault("dtype", torch.float32)
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.pop("ignore_mismatched_sizes", None)  # mismatches are reported below, by name
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
