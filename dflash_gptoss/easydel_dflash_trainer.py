@@ -655,9 +655,9 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
             f"vocab_size={vocab} is not divisible by tp={s.tp}: lm_head rows are sharded over tp; "
             f"pick a tp that divides {vocab}.")
     if s.export_dir:
-        from dflash_gptoss.preflight import check_draft_export_dir
+        from dflash_gptoss.export_draft import check_export_dir
 
-        check_draft_export_dir(s.export_dir, "--export-dir")
+        check_export_dir(s.export_dir)
     ds = DFlashCacheDataset(s.cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     meta = ds.meta
     ds.validate(teacher_config=teacher_cfg)

@@ -59,28 +59,6 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
-def check_draft_export_dir(path: str | os.PathLike, flag: str) -> Path:
-    """A draft export target: a new or empty folder, or a previous draft export (replaced); never a folder
-    holding something else, which an export would otherwise mix with or destroy."""
-    p = check_output_dir(path, flag)
-    if p.is_dir():
-        entries = [e for e in p.iterdir() if not e.name.startswith(".")]
-        config = p / "config.json"
-        is_draft = False
-        if config.is_file():
-            import json
-
-            try:
-                is_draft = "dflash_config" in json.loads(config.read_text())
-            except (OSError, ValueError):
-                is_draft = False
-        if entries and not is_draft:
-            raise OutputPathError(f"{flag} {p} exists and is not a DFlash draft folder (it holds "
-                                  f"{', '.join(sorted(e.name for e in entries)[:4])}); give a new folder or "
-                                  "an earlier draft export to replace.")
-    return p
-
-
 def write_failure_reason(e: OSError) -> str:
     """Why a write failed, in words, with the file: "the disk is full (/path)"."""
     where = f" ({e.filename})" if e.filename else ""

@@ -45,18 +45,6 @@ def _check_blocks(trainer: Any, max_blocks: int) -> tuple[Any, Any, str]:
     return EvalSet(es.batches, es.blocks[:max_blocks]), trainer.cache, "training-cache"
 
 
-def _place(tmp: Path, out: Path) -> None:
-    """Swap ``tmp`` in as ``out`` (an earlier export there is replaced only once the new one is whole)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-
-
 def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str | os.PathLike, *,
                    teacher_snapshot_dir: str | os.PathLike, max_blocks: int) -> dict[str, Any]:
     """Export (best or final) parameters with the check; returns the summary's export fields."""
@@ -70,19 +58,23 @@ def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str 
     jax_correct = jax_correct[: check_set.num_blocks]
     params = _params(graphstate)
     out = Path(export_dir).absolute()
+    rejected = out.with_name(out.name + ".rejected")
     error, result = "", None
-    if is_main_process():
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_nnx_draft(params, draft_config, tmp)
+
+    def check(tmp: Path) -> None:  # runs on the complete folder before export_nnx_draft renames it into place
+        nonlocal result
         try:
             result = check_export(tmp, teacher_snapshot_dir, cache, check_set.blocks, jax_correct, source=source)
-            _place(tmp, out)
-        except ExportCheckError as e:
-            rejected = out.with_name(out.name + ".rejected")
+        except ExportCheckError:
             shutil.rmtree(rejected, ignore_errors=True)
-            tmp.rename(rejected)
-            error = f"{e} The rejected draft and its {rejected.name}/export_check.json are kept for inspection."
+            shutil.copytree(tmp, rejected)
+            raise
+
+    if is_main_process():
+        try:
+            export_nnx_draft(params, draft_config, out, before_commit=check)
+        except ExportCheckError as e:
+            error = f"{e} The rejected draft and its export_check.json are kept in {rejected} for inspection."
     if is_multiprocess():
         from jax.experimental import multihost_utils
 

@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "to 4 GiB, else size; scripts/dflash_verify.py checks a large cache fully).")
     p.add_argument("--export-dir", default=None,
                    help="after training, write the final draft as a torch/HF folder (config.json + "
-                        "model.safetensors) that the benchmark loads; checked before training: it must be new, "
-                        "empty, or an earlier draft export.")
+                        "model.safetensors + its modeling code, loadable with AutoModel and trust_remote_code) that "
+                        "the benchmark and serving engines load. Checked before training (a new or empty folder, or an "
+                        "earlier draft, which is replaced); written to a temporary folder, checked (--export-check-"
+                        "blocks), then renamed into place.")
     p.add_argument("--summary-json", default=None,
                    help="write the run summary here (per-step history, eval_history, export_check).")
     p.add_argument("--eval-cache-dir", default=None,
@@ -111,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
+    from dflash_gptoss.export_draft import check_export_dir
     from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file, write_failure_message
 
-    try:  # every output path, before anything expensive
+    try:  # every output path, before anything expensive (not after hours of training)
         check_output_dir(Path(args.save_directory) / args.model_name, "--save-directory/--model-name")
         if args.summary_json:
             check_output_file(args.summary_json, "--summary-json")
+        if args.export_dir:
+            check_export_dir(args.export_dir)
     except OutputPathError as exc:
         parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process

@@ -395,13 +395,13 @@ def test_output_paths_are_checked_before_training(cache, tiny_teacher_dir, tmp_p
     from dflash_gptoss.preflight import OutputPathError
 
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(OutputPathError, match="--export-dir .*a_file exists and is a file"):
+    with pytest.raises(OutputPathError, match="export folder .*a_file. is a file, not a folder"):
         build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(tmp_path / "a_file")))
-    with pytest.raises(OutputPathError, match="is not a DFlash draft folder"):
+    with pytest.raises(OutputPathError, match="exists and is not a DFlash draft"):
         build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(cache)))
     with small_fs(tmp_path / "ro", "1m") as mounted:
         if mounted and subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "ro")]).returncode == 0:
-            with pytest.raises(OutputPathError, match="cannot write in .*ro .*Read-only file system"):
+            with pytest.raises(OutputPathError, match="cannot be written: .*Read-only file system"):
                 build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(tmp_path / "ro" / "d")))
     assert not (tmp_path / "s").exists()
     r = subprocess.run(_train_cli(cache, tiny_teacher_dir, tmp_path / "s", "--summary-json", str(tmp_path)),
