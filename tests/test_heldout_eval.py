@@ -24,26 +24,29 @@ from dflash_gptoss.heldout_eval import EvalCacheError, accept_lengths, check_eva
 REPO = Path(__file__).resolve().parents[1]
 CTX, B, K = 32, 8, 3
 BUILD = dict(ctx_len=CTX, block_size=B, num_context_features=K, batch_size=8, layout="windows", dp=2, tp=4, seed=0)
-STEPS, EVAL_STEPS = 40, 10
+STEPS, EVAL_STEPS = 200, 50
 
 
 @pytest.fixture(scope="module")
 def caches(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A training cache (corpus train split) and a held-out cache (teacher text after held-out prompts)."""
+    """The demo's pipeline in miniature: the teacher's greedy continuations of train-split prompts (training
+    cache) and of held-out-split prompts (eval cache), prompts as context only."""
     from transformers import AutoTokenizer
 
     from dflash_gptoss.cache_builder import build_teacher_cache
     from dflash_gptoss.corpus import split_prompts
+    from dflash_gptoss.teacher_data import generate_teacher_data
     from dflash_gptoss.teacher_jax import JaxTeacher
 
     root = tmp_path_factory.mktemp("caches")
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
-    with open(root / "heldout.jsonl", "w") as f:
-        for ids in split_prompts(tok, "heldout", 16, 48, seed=1):
-            f.write(json.dumps({"input_ids": ids}) + "\n")
+    for name, split, n in (("train", "train", 64), ("heldout", "heldout", 16)):
+        generate_teacher_data(tiny_teacher_dir, root / f"{name}.jsonl", split_prompts(tok, split, n, 32, seed=1),
+                              max_new_tokens=64, batch_size=n, progress=False)
     teacher = JaxTeacher(tiny_teacher_dir, target_layer_ids(6, K), dp=2, tp=4)
     out = {"train": root / "train", "eval": root / "eval", "eval_ctx24": root / "eval_ctx24"}
-    build_teacher_cache(tiny_teacher_dir, out["train"], teacher=teacher, progress=False, num_blocks=32, **BUILD)
+    build_teacher_cache(tiny_teacher_dir, out["train"], teacher=teacher, progress=False, num_blocks=64,
+                        data=root / "train.jsonl", **BUILD)
     build_teacher_cache(tiny_teacher_dir, out["eval"], teacher=teacher, progress=False, num_blocks=8,
                         data=root / "heldout.jsonl", **BUILD)
     build_teacher_cache(tiny_teacher_dir, out["eval_ctx24"], teacher=teacher, progress=False, num_blocks=8,
@@ -87,15 +90,17 @@ def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
 
     summary, root = run
     hist = summary["eval_history"]
-    assert [e["step"] for e in hist] == [1, 10, 20, 30, 40]
+    assert [e["step"] for e in hist] == [1, 50, 100, 150, 200]
     blocks = build_eval_set(DFlashCacheDataset(caches["eval"], process_index=0, process_count=1), block_size=B,
                             anchors_per_window=8, rows_per_batch=8).num_blocks
     for e in hist:
         assert e["eval_blocks"] == blocks and sum(e["eval_accept_len_hist"].values()) == blocks
         assert 1 <= e["eval_accept_len_median"] <= B and 1 <= e["eval_accept_len_mean"] <= B
         assert len(e["eval_slot_accuracy"]) == B - 1 and np.isfinite(e["eval_loss"])
-    assert hist[-1]["eval_loss"] < hist[0]["eval_loss"] - 0.1  # held-out loss falls (measured: 5.52 -> 5.26)
+    # the draft learns what held-out text needs (measured: loss 5.80 -> 4.08 at best, accepted 1.00 -> 1.46)
+    assert min(e["eval_loss"] for e in hist[1:]) < hist[0]["eval_loss"] - 1.0
     means = [e["eval_accept_len_mean"] for e in hist]
+    assert max(means) > means[0] + 0.2
     best = hist[int(np.argmax(means))]
     assert summary["best_eval_step"] == best["step"] == summary["exported_step"]
     check = summary["export_check"]
@@ -123,19 +128,14 @@ def test_a_broken_export_is_caught_and_not_exported(run, caches, tiny_teacher_di
 
     _, root = run
     if broken == "features_of_layer_l_minus_1":  # fc's column block for layer l holds layer l-1's weights
-        from safetensors.torch import load_file, save_file
+        real = dflash_gptoss.export_draft.to_torch_state
 
-        real = dflash_gptoss.export_draft.export_nnx_draft
+        def to_torch_state(params, config):
+            state = real(params, config)
+            state["fc.weight"] = np.roll(state["fc.weight"], state["fc.weight"].shape[0], axis=1)
+            return state
 
-        def export(params, config, out_dir, **kw):
-            out = real(params, config, out_dir, **kw)
-            state = load_file(str(Path(out) / "model.safetensors"))
-            h = state["fc.weight"].shape[0]
-            state["fc.weight"] = state["fc.weight"].roll(h, dims=1).contiguous()
-            save_file(state, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
-            return out
-
-        monkeypatch.setattr(dflash_gptoss.export_draft, "export_nnx_draft", export)
+        monkeypatch.setattr(dflash_gptoss.export_draft, "to_torch_state", to_torch_state)
     else:  # slot k proposes the token of position n+k+1 (a causal-LM shift at inference)
         real = dflash_gptoss.decoding.DFlashDrafter.propose
 
@@ -148,7 +148,8 @@ def test_a_broken_export_is_caught_and_not_exported(run, caches, tiny_teacher_di
         _export_again(caches, tiny_teacher_dir, root, out)
     assert not out.exists()  # nothing exported
     rejected = json.loads((tmp_path / "draft.rejected" / "export_check.json").read_text())
-    assert not rejected["passed"] and rejected["accept_len_gap"] > 0.02
+    # either figure may give it away (a barely trained draft accepts ~1 token either way; its slots differ)
+    assert not rejected["passed"] and (rejected["accept_len_gap"] > 0.02 or rejected["max_slot_accuracy_gap"] > 0.01)
     monkeypatch.undo()
     again = _export_again(caches, tiny_teacher_dir, root, out)  # the same run, exported correctly
     assert again["export_check"]["passed"] and (out / "model.safetensors").is_file()
