@@ -17,9 +17,11 @@ Figures that hold on a shared machine (``bench_stats`` has the definitions):
   same way, is left out), reported with the median and IQR of the per-prompt
   ratios, so one fast or slow prompt cannot carry the figure;
 * ``noisy`` is set when the repeats of any prompt disagree by more than 10%;
-* the per-step costs (``decode_costs.measure_costs``) are timed in the same run,
-  and ``loop_efficiency`` says how much of what the acceptance allows the loop
-  delivers.
+* the per-step costs (``decode_costs``) are sampled after every pass, so they
+  see the load the loops saw, and ``loop_efficiency`` says how much of what the
+  acceptance allows the loop delivers;
+* on CPU, the process's CPU time of every call is kept beside the wall time: its
+  share of the wall time says how much of the noise was other jobs taking the core.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dflash_gptoss.config import (
     make_draft_config,
     target_layer_ids,
 )
-from dflash_gptoss.decode_costs import measure_costs, modelled_speedup
+from dflash_gptoss.decode_costs import measure_cost_samples, modelled_speedup, summarize_costs
 from dflash_gptoss.decoding import DecodeResult, DFlashDrafter, OracleDrafter, greedy_decode, speculative_decode
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
 from dflash_gptoss.output_paths import check_file_stem, check_output_dir, check_output_files
@@ -70,7 +72,7 @@ DEFAULT_REPEATS = {"cpu": 3, "cuda": 2}
 # this project's 2-core machine the tiny teacher's greedy loop fell from ~120 tok/s (1 thread) to ~7 tok/s
 # (2 threads) with one other process running. Batch-1 decode of a small model gains nothing from threads.
 DEFAULT_CPU_THREADS = 1
-COST_REPEATS = 10  # timed rounds of each per-step cost (medians reported)
+COST_ROUNDS_PER_PASS = 10  # timed rounds of the per-step costs after each pass (pooled; medians reported)
 
 
 @dataclass
@@ -166,8 +168,7 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
 
 @contextmanager
 def _no_gc_pauses() -> Iterator[None]:
-    """Collect first, then keep Python's cyclic GC out of the timed region (as ``timeit`` does)."""
-    gc.collect()
+    """Keep Python's cyclic GC out of the timed region (as ``timeit`` does); the run collects between passes."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -177,12 +178,17 @@ def _no_gc_pauses() -> Iterator[None]:
             gc.enable()
 
 
-def _loop_stats(results: list[DecodeResult]) -> dict[str, Any]:
-    """One loop on one prompt over its repeats: medians, the repeats themselves, their spread."""
+def _loop_stats(results: list[DecodeResult], cpu_s: list[float] | None) -> dict[str, Any]:
+    """One loop on one prompt over its repeats: medians, the repeats themselves, their spread.
+
+    ``cpu_s`` (CPU runs only): the process's CPU seconds of each whole call (prefill + decode).
+    """
     n = len(results[0].tokens)
     prefill = statistics.median(r.prefill_s for r in results)
     decode = statistics.median(r.decode_s for r in results)
     return {
+        "cpu_s": statistics.median(cpu_s) if cpu_s else None,
+        "cpu_s_repeats": cpu_s,
         "new_tokens": n,
         "prefill_s": prefill,
         "decode_s": decode,
@@ -196,12 +202,13 @@ def _loop_stats(results: list[DecodeResult]) -> dict[str, Any]:
     }
 
 
-def _prompt_row(index: int, prompt: list[int], base: list[DecodeResult], fast: list[DecodeResult],
-                schedule: list[dict[str, float]]) -> dict[str, Any]:
+def _prompt_row(index: int, prompt: list[int], measured: dict[str, list], on_cpu: bool) -> dict[str, Any]:
     """Everything measured on one prompt; losslessness judged on every repeat."""
+    base, fast = measured["base"], measured["fast"]
     mismatches = [_first_mismatch(b.tokens, f.tokens) for b, f in zip(base, fast, strict=True)]
     bad = [r for r, m in enumerate(mismatches) if m is not None]
-    b, f = _loop_stats(base), _loop_stats(fast)
+    b = _loop_stats(base, measured["base_cpu"] if on_cpu else None)
+    f = _loop_stats(fast, measured["fast_cpu"] if on_cpu else None)
     decodes = b["new_tokens"] > 1 and f["new_tokens"] > 1  # an EOS first token leaves no decode to compare
     return {
         "prompt_index": index,
@@ -217,7 +224,7 @@ def _prompt_row(index: int, prompt: list[int], base: list[DecodeResult], fast: l
         "decode_speedup": b["decode_s"] / f["decode_s"] if decodes else None,
         "end_to_end_speedup": (b["prefill_s"] + b["decode_s"]) / (f["prefill_s"] + f["decode_s"]),
         "noisy": is_noisy([b["decode_spread"], f["decode_spread"]]),
-        "schedule": schedule,
+        "schedule": measured["schedule"],
     }
 
 
@@ -257,40 +264,53 @@ def run_benchmark(
     baseline_runner = TargetRunner(target_model, [])  # no hooks: the baseline captures no features
     eos = settings.eos_token_id
 
-    def base(prompt: list[int], max_new_tokens: int) -> DecodeResult:
+    # Each returns the loop's result and the process's CPU seconds of that call alone.
+    def base(prompt: list[int], max_new_tokens: int) -> tuple[DecodeResult, float]:
         with _no_gc_pauses():
-            return greedy_decode(baseline_runner, prompt, max_new_tokens, eos)
+            cpu0 = time.process_time()
+            result = greedy_decode(baseline_runner, prompt, max_new_tokens, eos)
+            return result, time.process_time() - cpu0
 
-    def spec(prompt: list[int], reference: list[int], max_new_tokens: int) -> DecodeResult:
+    def spec(prompt: list[int], reference: list[int], max_new_tokens: int) -> tuple[DecodeResult, float]:
         drafter = OracleDrafter(prompt + reference) if draft is None else DFlashDrafter(draft, target_model)
         runner = TargetRunner(target_model, layer_ids)  # feature hooks live only while DFlash runs
         try:
             with _no_gc_pauses():
-                return speculative_decode(runner, drafter, prompt, max_new_tokens, settings.block_size, eos)
+                cpu0 = time.process_time()
+                result = speculative_decode(runner, drafter, prompt, max_new_tokens, settings.block_size, eos)
+                return result, time.process_time() - cpu0
         finally:
             runner.close()
 
     if settings.warmup:  # first calls pay for allocation / kernel selection; keep them out of the figures
-        warm = base(prompts[0], min(8, settings.max_new_tokens))
+        warm, _ = base(prompts[0], min(8, settings.max_new_tokens))
         spec(prompts[0], warm.tokens, min(8, settings.max_new_tokens))
-    results: list[dict[str, list]] = [{"base": [], "fast": [], "schedule": []} for _ in prompts]
+    results: list[dict[str, list]] = [{key: [] for key in ("base", "fast", "base_cpu", "fast_cpu", "schedule")}
+                                      for _ in prompts]
+    context = cost_context_len([len(p) for p in prompts], settings.max_new_tokens, settings.block_size, max_positions)
+    cost_samples: dict[str, list[float]] = {"one": [], "verify": [], "draft": []}
     clock0 = time.perf_counter()
     with tqdm(total=repeats * len(prompts), desc="prompts x repeats", disable=not progress) as bar:
         for repeat in range(repeats):  # R passes; within a pass, baseline then DFlash on each prompt in turn
+            gc.collect()
             for index, prompt in enumerate(prompts):
                 base_start = time.perf_counter() - clock0
-                b = base(prompt, settings.max_new_tokens)
+                b, b_cpu = base(prompt, settings.max_new_tokens)
                 fast_start = time.perf_counter() - clock0
-                f = spec(prompt, b.tokens, settings.max_new_tokens)
-                results[index]["base"].append(b)
-                results[index]["fast"].append(f)
+                f, f_cpu = spec(prompt, b.tokens, settings.max_new_tokens)
+                for key, value in (("base", b), ("fast", f), ("base_cpu", b_cpu), ("fast_cpu", f_cpu)):
+                    results[index][key].append(value)
                 results[index]["schedule"].append(
                     {"repeat": repeat, "baseline_start_s": base_start, "dflash_start_s": fast_start})
                 bar.update()
-    rows = [_prompt_row(i, prompts[i], r["base"], r["fast"], r["schedule"]) for i, r in enumerate(results)]
-    context = cost_context_len([len(p) for p in prompts], settings.max_new_tokens, settings.block_size, max_positions)
-    costs = measure_costs(target_model, draft, context, COST_REPEATS, block_size=settings.block_size,
-                          layer_ids=layer_ids)
+            # The step costs, sampled after every pass: they see the machine as the loops did.
+            with _no_gc_pauses():
+                for key, values in measure_cost_samples(target_model, draft, context, COST_ROUNDS_PER_PASS,
+                                                        block_size=settings.block_size, layer_ids=layer_ids).items():
+                    cost_samples[key] += values
+    rows = [_prompt_row(i, prompts[i], r, device.type == "cpu") for i, r in enumerate(results)]
+    costs = summarize_costs(cost_samples, context_len=context, block_size=settings.block_size,
+                            drafter="oracle" if draft is None else "dflash")
     return _summarize(rows, settings, repeats, costs, target_model, draft, teacher_label)
 
 
@@ -320,7 +340,8 @@ def _summarize(rows, settings, repeats, costs, target_model, draft, teacher_labe
             "block_size": settings.block_size,
             "num_prompts": len(rows),
             "repeats": repeats,
-            "schedule": "interleaved: repeats x (for each prompt: baseline, then dflash)",
+            "schedule": f"interleaved: {repeats} passes of (for each prompt: baseline, then dflash), each pass "
+                        f"followed by {COST_ROUNDS_PER_PASS} rounds of the step costs",
             "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
             "max_position_embeddings": getattr(target_model.config, "max_position_embeddings", None),
             "target_layer_ids": draft.target_layer_ids if draft is not None else None,
@@ -342,6 +363,7 @@ def _summarize(rows, settings, repeats, costs, target_model, draft, teacher_labe
                               if any(s is not None for s in spreads) else None),
             "noisy_prompts": [r["prompt_index"] for r in rows if r["noisy"]],
         },
+        "cpu_time": _cpu_time_summary(rows),
         "step_costs": {
             **costs,
             "accepted_length_mean": tau,
@@ -366,6 +388,26 @@ def _summarize(rows, settings, repeats, costs, target_model, draft, teacher_labe
         "baseline_target_forwards_per_token": sum(r["baseline"]["target_forwards"] for r in rows) / base_tokens,
         "target_forwards_per_token": sum(r["dflash"]["target_forwards"] for r in rows) / fast_tokens,
         "per_prompt": rows,
+    }
+
+
+def _cpu_time_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """CPU runs: how much of the wall time this process had a core, and the loops' ratio in CPU time.
+
+    A busy machine stretches wall time by descheduling the process; CPU time does not
+    see that. A share well below 1 says the noise was other jobs taking the core.
+    """
+    if rows[0]["baseline"]["cpu_s"] is None:
+        return None
+    loops = ("baseline", "dflash")
+    cpu = sum(sum(r[loop]["cpu_s_repeats"]) for r in rows for loop in loops)
+    wall = sum(p + d for r in rows for loop in loops
+               for p, d in zip(r[loop]["prefill_s_repeats"], r[loop]["decode_s_repeats"], strict=True))
+    return {
+        "share_of_wall_time": cpu / wall,
+        "speedup_end_to_end": sum(r["baseline"]["cpu_s"] for r in rows) / sum(r["dflash"]["cpu_s"] for r in rows),
+        "definition": "process CPU seconds of each loop call (prefill + decode); speedup from the per-prompt "
+                      "medians; share = CPU seconds / wall seconds over every timed call",
     }
 
 
@@ -399,6 +441,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{report['dflash_decode_s_total']:.3f} s over {s['num_prompts']} prompts, median of {s['repeats']} "
         f"repeats each, interleaved; speedup_mean {report['speedup_mean']:.2f}x (old figure, end to end)",
         _noise_line(report),
+        *([f"cpu time: this process ran {report['cpu_time']['share_of_wall_time']:.0%} of the timed wall time "
+           f"(the rest, other jobs had the core); end-to-end speedup in CPU time "
+           f"{report['cpu_time']['speedup_end_to_end']:.2f}x"] if report["cpu_time"] else []),
         f"step costs at context {c['context_len']}: one-token step {c['target_forward_1_token_s'] * 1e3:.2f} ms, "
         f"verify of {c['block_size']} {c['target_verify_block_s'] * 1e3:.2f} ms, draft {c['drafter']} "
         f"{c['draft_propose_s'] * 1e3:.2f} ms; {efficiency}",

@@ -7,8 +7,10 @@ one-token target forward and gains one. So, at accepted length ``a``::
     speedup(a) ~= a * t_step(1) / (t_draft + t_verify(B))
 
 ``measure_costs`` times those three at a given context length. The benchmark
-calls it in the same run as the two loops and divides the measured speedup by
-this model's figure at the measured mean accepted length: the loop efficiency,
+samples them in the same run as the two loops (a few rounds after every pass
+over the prompts, pooled, so they see the same machine load as the loops) and
+divides the measured speedup by this model's figure at the measured mean
+accepted length: the loop efficiency,
 how much of what the acceptance allows the loop delivers (the rest is host
 overhead between forwards: argmax, cache crops, Python).
 
@@ -47,7 +49,7 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def measure_costs(
+def measure_cost_samples(
     target_model: torch.nn.Module,
     draft: DFlashDraftModel | None,
     context_len: int,
@@ -55,8 +57,8 @@ def measure_costs(
     *,
     block_size: int | None = None,
     layer_ids: list[int] | None = None,
-) -> dict[str, Any]:
-    """Median seconds of a one-token target step, a verify of B tokens and a draft proposal at ``context_len``.
+) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` rounds of: a one-token target step, a verify of B tokens, a proposal.
 
     ``draft=None`` times the oracle drafter (then ``block_size`` and ``layer_ids``
     say what the loop runs with); a draft brings its own block size and layer ids.
@@ -64,7 +66,7 @@ def measure_costs(
     if draft is not None:
         block_size, layer_ids = draft.block_size, draft.target_layer_ids
     if block_size is None or not layer_ids:
-        raise ValueError("measure_costs needs a draft, or block_size and layer_ids for the oracle.")
+        raise ValueError("measuring costs needs a draft, or block_size and layer_ids for the oracle.")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
     limit = getattr(target_model.config, "max_position_embeddings", None)
@@ -104,7 +106,7 @@ def measure_costs(
         drafter.accept(prefill.features[:, head:])
         drafter.propose(int(prompt[0, -1]), context_len, block_size - 1)
 
-    times: dict[str, list[float]] = {"one": [], "verify": [], "draft": []}
+    samples: dict[str, list[float]] = {"one": [], "verify": [], "draft": []}
     for round_index in range(WARMUP_ROUNDS + repeats):
         one = _seconds(forward(plain, 1), device)
         hooked = TargetRunner(target_model, layer_ids)  # hooks live only while the verify is timed
@@ -114,17 +116,22 @@ def measure_costs(
             hooked.close()
         draft_s = _seconds(propose, device)
         if round_index >= WARMUP_ROUNDS:
-            times["one"].append(one)
-            times["verify"].append(verify)
-            times["draft"].append(draft_s)
-    plain.close()
-    t_one, t_block, t_draft = (statistics.median(times[k]) for k in ("one", "verify", "draft"))
+            samples["one"].append(one)
+            samples["verify"].append(verify)
+            samples["draft"].append(draft_s)
+    return samples
+
+
+def summarize_costs(samples: dict[str, list[float]], *, context_len: int, block_size: int,
+                    drafter: str) -> dict[str, Any]:
+    """Medians of the samples (possibly pooled from several calls) and the speedup they model."""
+    t_one, t_block, t_draft = (statistics.median(samples[k]) for k in ("one", "verify", "draft"))
     step_cost = t_draft + t_block
     return {
         "context_len": context_len,
         "block_size": block_size,
-        "repeats": repeats,
-        "drafter": "oracle" if draft is None else "dflash",
+        "repeats": len(samples["one"]),
+        "drafter": drafter,
         "target_forward_1_token_s": t_one,
         "target_verify_block_s": t_block,
         "verify_over_one_token": t_block / t_one,
@@ -134,6 +141,23 @@ def measure_costs(
             str(a): a * t_one / step_cost for a in range(1, block_size + 1)
         },
     }
+
+
+def measure_costs(
+    target_model: torch.nn.Module,
+    draft: DFlashDraftModel | None,
+    context_len: int,
+    repeats: int = 10,
+    *,
+    block_size: int | None = None,
+    layer_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """Median seconds of a one-token target step, a verify of B tokens and a draft proposal at ``context_len``."""
+    samples = measure_cost_samples(target_model, draft, context_len, repeats, block_size=block_size,
+                                   layer_ids=layer_ids)
+    return summarize_costs(samples, context_len=context_len,
+                           block_size=draft.block_size if draft is not None else block_size,
+                           drafter="oracle" if draft is None else "dflash")
 
 
 def modelled_speedup(costs: dict[str, Any], accepted_length: float) -> float:
