@@ -223,6 +223,28 @@ def test_measure_costs_times_the_real_forwards(tiny_teacher_dir):
     assert all(not layer._forward_hooks for layer in target.model.layers)  # every hook removed again
 
 
+def test_decode_costs_script_refuses_before_building_and_runs_on_the_tiny_teacher(tiny_teacher_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_decode_costs", REPO / "scripts" / "bench_decode_costs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with monkeypatch.context() as mp:
+        mp.setattr("dflash_gptoss.target.load_target", lambda *a, **k: pytest.fail("target loaded before refusal"))
+        code = script.main(["--target", str(tiny_teacher_dir), "--context-len", "2000", "--oracle-tokens", "64",
+                            "--out-dir", str(tmp_path)])
+        assert code == 2
+        assert capsys.readouterr().err.startswith(
+            "error: --context-len 2000 with --block-size 8 and --oracle-tokens 64 needs 2063 positions; the target "
+            "has max_position_embeddings=2048")
+    code = script.main(["--target", str(tiny_teacher_dir), "--context-len", "48", "--block-size", "4",
+                        "--draft-layers", "1", "--oracle-tokens", "16", "--repeats", "2", "--out-dir", str(tmp_path)])
+    assert code == 0
+    [out] = tmp_path.glob("decode_costs_target_*.json")
+    report = json.loads(out.read_text())
+    assert report["costs"]["context_len"] == 48 and report["costs"]["repeats"] == 2
+    assert report["oracle_end_to_end"]["lossless"] and report["oracle_end_to_end"]["new_tokens"] == 16
+
+
 def test_modal_app_builds_without_network_and_checks_outputs_before_the_gpu(tmp_path, capsys, monkeypatch):
     modal = pytest.importorskip("modal")
     spec = importlib.util.spec_from_file_location("modal_bench", REPO / "modal" / "dflash_gptoss20b_benchmark.py")
