@@ -69,8 +69,9 @@ from dflash_gptoss.target import TargetRunner
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 2}
 # torch intra-op threads on CPU when --cpu-threads is not given. With 2+ threads every op ends at a thread
 # barrier, and one core busy with another job stalls each of the thousands of small ops of a decode: on
-# this project's 2-core machine the tiny teacher's greedy loop fell from ~120 tok/s (1 thread) to ~7 tok/s
-# (2 threads) with one other process running. Batch-1 decode of a small model gains nothing from threads.
+# this project's 2-core machine with one core kept busy, the tiny teacher's baseline ran at 26.2 tok/s with
+# 1 thread and 4.1 tok/s with 2 (artifacts/dflash_bench/noisy_20261125_152523/threads_*.json). More threads
+# can only pay where the cores are free: --cpu-threads N there.
 DEFAULT_CPU_THREADS = 1
 COST_ROUNDS_PER_PASS = 10  # timed rounds of the per-step costs after each pass (pooled; medians reported)
 
@@ -187,8 +188,6 @@ def _loop_stats(results: list[DecodeResult], cpu_s: list[float] | None) -> dict[
     prefill = statistics.median(r.prefill_s for r in results)
     decode = statistics.median(r.decode_s for r in results)
     return {
-        "cpu_s": statistics.median(cpu_s) if cpu_s else None,
-        "cpu_s_repeats": cpu_s,
         "new_tokens": n,
         "prefill_s": prefill,
         "decode_s": decode,
@@ -199,6 +198,8 @@ def _loop_stats(results: list[DecodeResult], cpu_s: list[float] | None) -> dict[
         "decode_tokens_per_s": (n - 1) / decode if n > 1 else None,
         "target_forwards": results[0].target_forwards,
         "target_forwards_per_token": results[0].target_forwards / n,
+        "cpu_s": statistics.median(cpu_s) if cpu_s else None,
+        "cpu_s_repeats": cpu_s,
     }
 
 

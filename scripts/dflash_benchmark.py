@@ -82,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {DEFAULT_REPEATS['cpu']} on CPU, {DEFAULT_REPEATS['cuda']} on CUDA). With 1 the "
                         "noise cannot be measured.")
     p.add_argument("--cpu-threads", type=positive_int, default=DEFAULT_CPU_THREADS,
-                   help=f"torch threads on CPU (default {DEFAULT_CPU_THREADS}: batch-1 decode gains nothing from "
-                        "more, and with 2+ threads one core busy with another job stalls every op). Ignored on "
-                        "CUDA.")
+                   help=f"torch threads on CPU (default {DEFAULT_CPU_THREADS}: with 2+ threads, one core busy with "
+                        "another job stalls every op of the decode at the thread barrier; ask for more only where "
+                        "the cores are free). Ignored on CUDA.")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run.")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt selection and the random draft.")
     return p.parse_args(argv)

@@ -24,6 +24,17 @@ sys.path.insert(0, str(REPO / "scripts"))
 import dflash_benchmark  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The benchmark's CPU setting for the tests that time forwards directly (and back after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if the target's weights are loaded: the checks under test must come before that."""
@@ -242,6 +253,7 @@ def test_decode_costs_script_refuses_before_building_and_runs_on_the_tiny_teache
     [out] = tmp_path.glob("decode_costs_target_*.json")
     report = json.loads(out.read_text())
     assert report["costs"]["context_len"] == 48 and report["costs"]["repeats"] == 2
+    assert "1 threads" in report["device"]
     assert report["oracle_end_to_end"]["lossless"] and report["oracle_end_to_end"]["new_tokens"] == 16
 
 
