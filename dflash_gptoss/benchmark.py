@@ -63,9 +63,10 @@ from dflash_gptoss.output_paths import check_file_stem, check_output_dir, check_
 from dflash_gptoss.target import TargetRunner
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
-# disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2: a dedicated GPU's repeats
-# agree to ~1%, so a third buys little at minutes per repeat on gpt-oss-20b, while 2 still measure the
-# spread, so the noisy flag means something.
+# disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, not yet measured here (no GPU
+# in the session that chose it): a GPU held by one job is not time-sliced, so its repeats should agree
+# closely and a third costs minutes per repeat on gpt-oss-20b; 2 still measure the spread, so the noisy
+# flag says when that expectation fails (then pass --repeats 3).
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 2}
 # torch intra-op threads on CPU when --cpu-threads is not given. With 2+ threads every op ends at a thread
 # barrier, and one core busy with another job stalls each of the thousands of small ops of a decode: on

@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true",
                    help="render prompts with the tokenizer's chat template (Harmony for gpt-oss).")
     p.add_argument("--max-new-tokens", type=int, default=128,
-                   help="tokens to generate per prompt (default 128; >= 2). Up to the target's positions: "
-                        "prompt tokens + N - 1 <= max_position_embeddings, checked before any model loads.")
+                   help="tokens to generate per prompt (default 128; >= 2), up to the target's positions: "
+                        "prompt tokens + this - 1 <= max_position_embeddings (checked before any model loads).")
     p.add_argument("--block-size", type=int, default=8,
                    help="DFlash block size B: anchor + B-1 proposals per target verify (default 8).")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
