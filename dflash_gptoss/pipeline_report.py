@@ -49,13 +49,16 @@ def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, ti
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out)
+    fig.savefig(out, format="png")
     plt.close(fig)
     return out
 
 
 def pipeline_summary(bench: dict[str, Any], train: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     """The figures the closing table shows, in one flat dict (also written as JSON)."""
+    if "speedup" not in bench or "noise" not in bench:
+        raise ValueError("the benchmark JSON has no 'speedup'/'noise' (written by a benchmark before repeats and "
+                         "medians); rerun scripts/dflash_benchmark.py.")
     history = train.get("history") or []
     tail = history[-max(1, len(history) // 20):]
     n = bench["settings"]["num_prompts"]
@@ -74,6 +77,12 @@ def pipeline_summary(bench: dict[str, Any], train: dict[str, Any], timings: dict
         "target_forwards_per_token": bench["target_forwards_per_token"],
         "baseline_tokens_per_s": bench["baseline_tokens_per_s"],
         "dflash_tokens_per_s": bench["dflash_tokens_per_s"],
+        "speedup": bench["speedup"],
+        "speedup_per_prompt": bench["speedup_per_prompt"],
+        "repeats": bench["settings"]["repeats"],
+        "noisy": bench["noisy"],
+        "max_spread": bench["noise"]["max_spread"],
+        "loop_efficiency": bench["step_costs"]["loop_efficiency"],
         "speedup_mean": bench["speedup_mean"],
         "training_steps": train.get("final_step"),
         "training_final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
@@ -82,6 +91,22 @@ def pipeline_summary(bench: dict[str, Any], train: dict[str, Any], timings: dict
         "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
         "wall_seconds_total": round(sum(timings.values()), 1),
     }
+
+
+def _speedup_text(s: dict[str, Any]) -> str:
+    per = s["speedup_per_prompt"]
+    text = f"**{s['speedup']:.2f}x**"
+    if per:
+        text += f"; per prompt median {per['median']:.2f}x, IQR {per['q1']:.2f}-{per['q3']:.2f}x"
+    text += f"; median of {s['repeats']} interleaved repeats"
+    if s["noisy"] is None:
+        text += ", noise unknown"
+    else:
+        text += (f", NOISY (repeats disagree by up to {s['max_spread']:.0%})" if s["noisy"]
+                 else f", repeats within {s['max_spread']:.0%}")
+    if s["loop_efficiency"] is not None:
+        text += f"; loop efficiency {s['loop_efficiency']:.2f}"
+    return text
 
 
 def summary_table(s: dict[str, Any]) -> list[str]:
@@ -94,8 +119,9 @@ def summary_table(s: dict[str, Any]) -> list[str]:
          f"{s['acceptance_mean']:.2f} / {s['acceptance_median']} / {s['acceptance_p90']:.1f}"),
         ("target forwards per token", f"{s['target_forwards_per_token']:.3f} (baseline 1.000)"),
         ("lossless", f"{s['lossless_prompts']}/{s['prompts']} prompts token-identical to greedy"),
-        ("tokens/s baseline -> dflash",
-         f"{s['baseline_tokens_per_s']:.1f} -> {s['dflash_tokens_per_s']:.1f} ({s['speedup_mean']:.2f}x)"),
+        ("speedup (total decode time)", _speedup_text(s)),
+        ("tokens/s baseline -> dflash (prefill + decode)",
+         f"{s['baseline_tokens_per_s']:.1f} -> {s['dflash_tokens_per_s']:.1f}"),
         ("training (last 5% of steps)",
          f"{s['training_steps']} steps, loss {s['training_final_loss']:.3f}, accepted/block "
          f"{s['training_mean_accept_len']:.2f}" if s["training_final_loss"] is not None else "no history"),
@@ -105,16 +131,32 @@ def summary_table(s: dict[str, Any]) -> list[str]:
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
 
 
+def _read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable JSON file ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
 def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path, timings: dict[str, float],
                           out_dir: str | Path, stem: str) -> tuple[dict[str, Any], list[Path]]:
     """``<stem>_pipeline.json`` and ``<stem>_training.png`` in ``out_dir``; returns the summary and the paths."""
-    bench = json.loads(Path(bench_json).read_text())
-    train = json.loads(Path(train_summary_json).read_text())
-    summary = pipeline_summary(bench, train, timings)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    png = plot_training_curve(train["history"], out / f"{stem}_training.png",
-                              title=f"DFlash draft training: {bench['teacher']}")
+    from dflash_gptoss.output_paths import check_file_stem, check_output_dir
+
+    out = check_output_dir(out_dir, "--out-dir")
+    check_file_stem(stem, "--name")
+    bench, train = _read_json(bench_json), _read_json(train_summary_json)
+    try:
+        summary = pipeline_summary(bench, train, timings)
+    except ValueError as err:
+        raise ValueError(f"{bench_json}: {err}") from None
+    png = out / f"{stem}_training.png"
+    tmp_png = plot_training_curve(train.get("history") or [], png.with_name(png.name + ".tmp"),
+                                  title=f"DFlash draft training: {bench['teacher']}")
+    tmp_png.replace(png)
     path = out / f"{stem}_pipeline.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"summary": summary, "bench_json": str(bench_json),
