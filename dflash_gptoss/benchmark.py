@@ -59,7 +59,7 @@ from dflash_gptoss.config import (
 from dflash_gptoss.decode_costs import measure_cost_samples, modelled_speedup, summarize_costs
 from dflash_gptoss.decoding import DecodeResult, DFlashDrafter, OracleDrafter, greedy_decode, speculative_decode
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
-from dflash_gptoss.output_paths import check_file_stem, check_output_dir, check_output_files
+from dflash_gptoss.preflight import check_file_stem, check_output_dir, check_output_files
 from dflash_gptoss.target import TargetRunner
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
@@ -470,7 +470,7 @@ def prepare_outputs(out_dir: str | Path, stem: str | None = None) -> tuple[Path,
 
     The default stem ``bench_<UTC>`` takes the start time of the run.
     """
-    out = check_output_dir(out_dir, "--out-dir")
+    out = check_output_dir(out_dir, "--out-dir", create=True)
     stem = check_file_stem(stem, "--report-name") if stem is not None else (
         "bench_" + datetime.now(UTC).strftime("%Y%m%d_%H%M%S"))
     check_output_files([out / name.format(stem=stem) for name in REPORT_FILES], "--out-dir/--report-name")

@@ -144,9 +144,9 @@ def _read_json(path: str | Path) -> dict[str, Any]:
 def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path, timings: dict[str, float],
                           out_dir: str | Path, stem: str) -> tuple[dict[str, Any], list[Path]]:
     """``<stem>_pipeline.json`` and ``<stem>_training.png`` in ``out_dir``; returns the summary and the paths."""
-    from dflash_gptoss.output_paths import check_file_stem, check_output_dir
+    from dflash_gptoss.preflight import check_file_stem, check_output_dir
 
-    out = check_output_dir(out_dir, "--out-dir")
+    out = check_output_dir(out_dir, "--out-dir", create=True)
     check_file_stem(stem, "--name")
     bench, train = _read_json(bench_json), _read_json(train_summary_json)
     try:

@@ -30,8 +30,8 @@ def _nearest_existing(path: Path) -> Path:
 def _probe_writable(folder: Path, flag: str, target: Path) -> None:
     """Create and remove a file in ``folder`` (the folder that will hold ``target``, or its nearest parent)."""
     if not folder.is_dir():
-        raise OutputPathError(f"{flag} {target}: {folder} is a file, so no folder can be made there; "
-                              "choose another path.")
+        raise OutputPathError(f"{flag} {target}: {folder} is a file, so no folder can be made under it; "
+                              "pass another folder.")
     try:
         fd, probe = tempfile.mkstemp(prefix=".dflash-write-probe-", dir=folder)
     except OSError as e:
@@ -50,13 +50,32 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """``path`` will be written as a FOLDER (created if needed)."""
+def check_output_dir(path: str | os.PathLike, flag: str, *, create: bool = False) -> Path:
+    """``path`` will be written as a FOLDER; ``create`` makes it now (a report folder), else it is left for
+    the job to make (a run folder that a refused job must not leave behind)."""
     p = Path(path).expanduser().absolute()
     if p.exists() and not p.is_dir():
-        raise OutputPathError(f"{flag} {p} exists and is a file; give a folder path.")
+        raise OutputPathError(f"{flag} {p} exists and is not a folder; pass a folder (new or existing).")
     _probe_writable(_nearest_existing(p), flag, p)
+    if create:
+        p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def check_file_stem(stem: str, flag: str) -> str:
+    """A plain file name stem (no folder part): what goes before ``.json`` / ``_x.png`` in an output folder."""
+    if not stem or stem in (".", "..") or "/" in stem or "\\" in stem or "\0" in stem:
+        raise OutputPathError(f"{flag} {stem!r} must be a plain file name (no '/', not empty); "
+                              "put the folder in the out-dir flag instead.")
+    return stem
+
+
+def check_output_files(paths: list[Path], flag: str) -> None:
+    """None of ``paths`` (files a run will write, replacing old ones) may be an existing folder."""
+    for path in paths:
+        if path.is_dir():
+            raise OutputPathError(f"{flag}: {path} is a folder, but the run writes a file there; "
+                                  "pass another name or remove that folder.")
 
 
 def write_failure_reason(e: OSError) -> str:

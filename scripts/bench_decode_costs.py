@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from dflash_gptoss.decode_costs import measure_costs
     from dflash_gptoss.decoding import OracleDrafter, greedy_decode, speculative_decode
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-    from dflash_gptoss.output_paths import check_output_dir
+    from dflash_gptoss.preflight import check_output_dir
     from dflash_gptoss.target import (
         TargetRunner,
         check_gpt_oss_snapshot,
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     # Everything that can be refused is refused before a model is built or loaded.
     try:
         device = resolve_device(args.device)
-        out_dir = check_output_dir(args.out_dir, "--out-dir")
+        out_dir = check_output_dir(args.out_dir, "--out-dir", create=True)
         if args.shapes:
             config = GptOssConfig(
                 num_hidden_layers=24, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
