@@ -25,8 +25,10 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, title: str = "") -> Path:
-    """Loss and accepted length (expected and per-block) against the training step."""
+def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, title: str = "",
+                        eval_history: list[dict[str, Any]] | None = None, best_step: int | None = None) -> Path:
+    """Loss and accepted length (expected and per-block) against the training step; with ``eval_history``
+    the held-out loss and accepted length beside them (train vs held-out), the exported step marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,6 +45,16 @@ def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, ti
     for key, color, label in (("mean_accept_len", "#d9822b", "accepted length per block (training batch)"),
                               ("expected_accept_len", "#3b75af", "expected from slot accuracies")):
         ax_acc.plot(steps, _smooth([h[key] for h in history], window), color=color, label=label)
+    if eval_history:
+        es = [e["step"] for e in eval_history]
+        ax_loss.plot(es, [e["eval_loss"] for e in eval_history], "o-", color="#2a9d4b", ms=3, label="held-out")
+        ax_loss.legend(fontsize=8)
+        ax_acc.plot(es, [e["eval_accept_len_mean"] for e in eval_history], "o-", color="#2a9d4b", ms=3,
+                    label="accepted length per block (held-out, teacher-forced)")
+        if best_step is not None:
+            best = next(e for e in eval_history if e["step"] == best_step)
+            ax_acc.plot([best_step], [best["eval_accept_len_mean"]], "*", color="#c0392b", ms=11,
+                        label=f"exported (step {best_step})")
     ax_acc.set_xlabel("training step")
     ax_acc.set_ylabel("accepted tokens per block")
     ax_acc.legend(fontsize=8)
@@ -88,9 +100,41 @@ def pipeline_summary(bench: dict[str, Any], train: dict[str, Any], timings: dict
         "training_final_loss": sum(h["loss"] for h in tail) / len(tail) if tail else None,
         "training_mean_accept_len": sum(h["mean_accept_len"] for h in tail) / len(tail) if tail else None,
         "training_expected_accept_len": sum(h["expected_accept_len"] for h in tail) / len(tail) if tail else None,
+        **_heldout_fields(train),
         "wall_seconds": {k: round(v, 1) for k, v in timings.items()},
         "wall_seconds_total": round(sum(timings.values()), 1),
     }
+
+
+def _heldout_fields(train: dict[str, Any]) -> dict[str, Any]:
+    """The held-out curve's last and best points, the exported step and the export check (None when absent)."""
+    evals = train.get("eval_history") or []
+    best_step = train.get("best_eval_step")
+    best = next((e for e in evals if e["step"] == best_step), None)
+    keep = ("step", "eval_loss", "eval_accept_len_mean", "eval_accept_len_median", "eval_accept_len_p90")
+    return {
+        "eval_history": evals,
+        "eval_last": {k: evals[-1][k] for k in keep} if evals else None,
+        "eval_best": {k: best[k] for k in keep} if best else None,
+        "eval_seconds_total": round(sum(e.get("eval_seconds", 0.0) for e in evals), 2),
+        "exported_step": train.get("exported_step"),
+        "exported_from": train.get("exported_from"),
+        "export_check": train.get("export_check"),
+    }
+
+
+def _eval_text(e: dict[str, Any]) -> str:
+    return (f"step {e['step']}: {e['eval_accept_len_mean']:.2f} / {e['eval_accept_len_median']:g} / "
+            f"{e['eval_accept_len_p90']:g} (loss {e['eval_loss']:.3f})")
+
+
+def _check_text(s: dict[str, Any]) -> str:
+    c = s.get("export_check")
+    if not c:
+        return "not run"
+    return (f"step {s['exported_step']} ({s['exported_from']}): accepted length {c['torch_accept_len_mean']:.3f} "
+            f"(torch) vs {c['jax_accept_len_mean']:.3f} (JAX) on {c['num_anchors']} {c['blocks_from']} blocks, "
+            + ("passed" if c["passed"] else "FAILED"))
 
 
 def _speedup_text(s: dict[str, Any]) -> str:
@@ -125,6 +169,11 @@ def summary_table(s: dict[str, Any]) -> list[str]:
         ("training (last 5% of steps)",
          f"{s['training_steps']} steps, loss {s['training_final_loss']:.3f}, accepted/block "
          f"{s['training_mean_accept_len']:.2f}" if s["training_final_loss"] is not None else "no history"),
+        ("held-out accepted length mean / median / p90 (teacher-forced)",
+         f"last {_eval_text(s['eval_last'])}" + (f"; best {_eval_text(s['eval_best'])}" if s["eval_best"] else "")
+         + f"; {len(s['eval_history'])} evaluations took {s['eval_seconds_total']:.0f}s"
+         if s.get("eval_last") else "no held-out evaluation"),
+        ("export check (exported torch draft vs JAX draft)", _check_text(s)),
         ("wall time", ", ".join(f"{k} {v:.0f}s" for k, v in s["wall_seconds"].items())
          + f"; total {s['wall_seconds_total'] / 60:.1f} min"),
     ]
@@ -155,7 +204,9 @@ def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path
         raise ValueError(f"{bench_json}: {err}") from None
     png = out / f"{stem}_training.png"
     tmp_png = plot_training_curve(train.get("history") or [], png.with_name(png.name + ".tmp"),
-                                  title=f"DFlash draft training: {bench['teacher']}")
+                                  title=f"DFlash draft training: {bench['teacher']}",
+                                  eval_history=train.get("eval_history"), best_step=train.get("exported_step")
+                                  if train.get("eval_history") else None)
     tmp_png.replace(png)
     path = out / f"{stem}_pipeline.json"
     tmp = path.with_suffix(".json.tmp")

@@ -25,7 +25,13 @@ def test_report_joins_benchmark_training_and_timings(tmp_path: Path) -> None:
     history += [{"step": 39, "loss": 1.0, "mean_accept_len": 5.0, "expected_accept_len": 4.0},
                 {"step": 40, "loss": 3.0, "mean_accept_len": 7.0, "expected_accept_len": 4.0}]
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    (tmp_path / "train.json").write_text(json.dumps({"final_step": 40, "history": history}))
+    evals = [{"step": k, "eval_loss": 5.0 - k / 10, "eval_accept_len_mean": m, "eval_accept_len_median": 2.0,
+              "eval_accept_len_p90": 6.0, "eval_seconds": 0.5} for k, m in ((1, 1.0), (20, 3.5), (40, 3.25))]
+    check = {"torch_accept_len_mean": 3.5, "jax_accept_len_mean": 3.5, "num_anchors": 64, "blocks_from": "held-out",
+             "passed": True}
+    (tmp_path / "train.json").write_text(json.dumps({
+        "final_step": 40, "history": history, "eval_history": evals, "best_eval_step": 20, "exported_step": 20,
+        "exported_from": "best held-out evaluation", "export_check": check}))
     summary, paths = write_pipeline_report(tmp_path / "bench.json", tmp_path / "train.json",
                                            {"cache": 60, "train": 240.4}, tmp_path / "out", "run")
     assert summary["training_final_loss"] == 2.0 and summary["training_mean_accept_len"] == 6.0
@@ -39,6 +45,12 @@ def test_report_joins_benchmark_training_and_timings(tmp_path: Path) -> None:
     assert ("| speedup (total decode time) | **2.50x**; per prompt median 2.40x, IQR 2.10-2.70x; median of 3 "
             "interleaved repeats, repeats within 4%; loop efficiency 0.90 |") in table
     assert summary["speedup_mean"] == 3.0  # kept for continuity, not the headline
+    # The held-out curve's last and best points, and the export check, as the steps wrote them.
+    assert summary["eval_last"]["step"] == 40 and summary["eval_best"]["eval_accept_len_mean"] == 3.5
+    assert summary["eval_seconds_total"] == 1.5 and summary["export_check"] == check
+    assert ("last step 40: 3.25 / 2 / 6 (loss 1.000); best step 20: 3.50 / 2 / 6 (loss 3.000); 3 evaluations "
+            "took 2s") in table
+    assert "step 20 (best held-out evaluation): accepted length 3.500 (torch) vs 3.500 (JAX) on 64 held-out" in table
 
     # A benchmark JSON from before repeats/medians is refused by name, not with a KeyError.
     old = {k: v for k, v in bench.items() if k not in ("speedup", "noise")}
