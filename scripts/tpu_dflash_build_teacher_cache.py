@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
+from dflash_gptoss.cache_data import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
 
