@@ -430,9 +430,11 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         if self.keep_best and (self.best is None or entry["eval_accept_len_mean"] > self._best_mean()):
             self.best = (int(step), jax.tree.map(lambda x: x.copy(), state.graphstate))
         _logger().info(
-            f"held-out eval at step {step}: loss {entry['eval_loss']:.4f}, accepted length mean "
+            f"held-out eval at step {step}: loss {entry['eval_loss']:.4f}, accepted length per verify step mean "
             f"{entry['eval_accept_len_mean']:.3f} / median {entry['eval_accept_len_median']:g} / p90 "
-            f"{entry['eval_accept_len_p90']:g} over {entry['eval_blocks']} blocks ({entry['eval_seconds']:.2f} s)"
+            f"{entry['eval_accept_len_p90']:g} over {entry['eval_walk_steps']} steps (per position "
+            f"{entry['eval_accept_len_position_mean']:.3f} over {entry['eval_blocks']} blocks; "
+            f"{entry['eval_seconds']:.2f} s)"
             + (f"; best so far: step {self.best[0]}" if self.best is not None else ""))
 
     def _best_mean(self) -> float:
@@ -689,7 +691,7 @@ def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int
 
     eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
-    return eval_ds, build_eval_set(eval_ds, block_size=block_size, anchors_per_window=s.anchors_per_window,
+    return eval_ds, build_eval_set(eval_ds, block_size=block_size, anchors_per_item=s.anchors_per_window,
                                    rows_per_batch=s.total_batch_size)
 
 

@@ -32,17 +32,25 @@ def _params(graphstate: Any) -> dict[tuple[str, ...], Any]:
 
 
 def _check_blocks(trainer: Any, max_blocks: int) -> tuple[Any, Any, str]:
-    """(eval set, its cache, a word for where the blocks come from) for the export check."""
+    """(eval set, its cache, a word for where the blocks come from) for the export check: the first
+    ``max_blocks`` blocks of the held-out set, else of the first training windows."""
     from dflash_gptoss.heldout_eval import EvalSet, build_eval_set
 
     if trainer.eval_set is not None:
-        es = trainer.eval_set
-        return EvalSet(es.batches, es.blocks[:max_blocks]), trainer.eval_cache, "held-out"
-    per_window = 1 if trainer.cache.layout == "blocks" else trainer.anchors_per_window
-    rows = min(trainer.cache.num_items, math.ceil(max_blocks / per_window))
-    es = build_eval_set(trainer.cache, block_size=trainer.block_size, anchors_per_window=trainer.anchors_per_window,
-                        rows_per_batch=trainer.rows_per_step(), max_rows=rows)
-    return EvalSet(es.batches, es.blocks[:max_blocks]), trainer.cache, "training-cache"
+        es, cache, source = trainer.eval_set, trainer.eval_cache, "held-out"
+    else:
+        cache, source = trainer.cache, "training-cache"
+        per_window = 1 if cache.layout == "blocks" else max(1, (int(cache.meta["ctx_len"]) - trainer.block_size) // 2)
+        es = build_eval_set(cache, block_size=trainer.block_size, anchors_per_item=trainer.anchors_per_window,
+                            rows_per_batch=int(trainer.arguments.total_batch_size),
+                            max_rows=math.ceil(max_blocks / per_window) + 1)
+    batches, blocks = [], 0
+    for batch in es.batches:  # only the batches that hold the first max_blocks blocks
+        if blocks >= max_blocks:
+            break
+        batches.append(batch)
+        blocks += int((batch["anchor_weights"] > 0).sum())
+    return EvalSet(batches, es.blocks[:max_blocks], []), cache, source
 
 
 def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str | os.PathLike, *,

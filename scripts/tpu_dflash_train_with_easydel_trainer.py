@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; exported to {summary['export_dir']}" if "export_dir" in summary else ""))
     for entry in summary["eval_history"][-1:]:
         best = summary["best_eval_step"]
-        print(f"held-out accepted length at step {entry['step']}: mean {entry['eval_accept_len_mean']:.3f}, median "
-              f"{entry['eval_accept_len_median']:g}, p90 {entry['eval_accept_len_p90']:g} "
-              f"({entry['eval_blocks']} blocks)" + (f"; best at step {best}" if best is not None else ""))
+        print(f"held-out accepted length per verify step at step {entry['step']}: mean "
+              f"{entry['eval_accept_len_mean']:.3f}, median {entry['eval_accept_len_median']:g}, p90 "
+              f"{entry['eval_accept_len_p90']:g} ({entry['eval_walk_steps']} steps of a greedy walk over "
+              f"{entry['eval_blocks']} held-out blocks)" + (f"; best at step {best}" if best is not None else ""))
     check = summary.get("export_check")
     if check:
         print(f"export check (step {summary['exported_step']}, {summary['exported_from']}): accepted length JAX "

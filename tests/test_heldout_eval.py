@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from dflash_gptoss.config import target_layer_ids
-from dflash_gptoss.heldout_eval import EvalCacheError, accept_lengths, check_eval_cache, summarize
+from dflash_gptoss.heldout_eval import EvalBlock, EvalCacheError, EvalSet, accept_lengths, check_eval_cache, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 CTX, B, K = 32, 8, 3
@@ -78,9 +78,15 @@ def test_accept_length_is_the_benchmarks_count() -> None:
     correct = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
     # 1 + leading run of correct slots: what one verify accepts (the target adds the corrected token)
     assert accept_lengths(correct).tolist() == [3, 1, 5]
-    entry = summarize(7, 2.5, correct, 0.1)
-    assert entry["eval_accept_len_hist"] == {"1": 1, "3": 1, "5": 1} and entry["eval_accept_len_median"] == 3
-    assert entry["eval_slot_accuracy"] == pytest.approx([2 / 3, 1, 2 / 3, 1])
+    # The walk: a run of anchors 1..7 of row 0; anchor n accepts a, the loop's next anchor is n + a.
+    per_anchor = {1: 3, 2: 1, 3: 1, 4: 2, 5: 5, 6: 1, 7: 4}
+    blocks = [EvalBlock(0, n, np.zeros(5, np.int32)) for n in per_anchor]
+    correct = np.array([[1] * (a - 1) + [0] * (5 - a) for a in per_anchor.values()])  # B = 5
+    entry = summarize(7, 2.5, correct, EvalSet([], blocks, [(0, 1, 7)]), 0.1)
+    # steps at anchors 1 (3 tokens) -> 4 (2) -> 6 (1) -> 7 (4): per step, not per position
+    assert entry["eval_accept_len_hist"] == {"1": 1, "2": 1, "3": 1, "4": 1} and entry["eval_walk_steps"] == 4
+    assert entry["eval_accept_len_mean"] == 2.5 and entry["eval_accept_len_position_mean"] == pytest.approx(17 / 7)
+    assert entry["eval_slot_accuracy"] == pytest.approx([4 / 7, 3 / 7, 2 / 7, 1 / 7])
 
 
 def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
@@ -92,9 +98,10 @@ def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
     hist = summary["eval_history"]
     assert [e["step"] for e in hist] == [1, 50, 100, 150, 200]
     blocks = build_eval_set(DFlashCacheDataset(caches["eval"], process_index=0, process_count=1), block_size=B,
-                            anchors_per_window=8, rows_per_batch=8).num_blocks
-    for e in hist:
-        assert e["eval_blocks"] == blocks and sum(e["eval_accept_len_hist"].values()) == blocks
+                            anchors_per_item=8, rows_per_batch=8).num_blocks
+    for e in hist:  # every trainable anchor scored; the walk's steps fewer (a step covers its accepted tokens)
+        assert e["eval_blocks"] == blocks and sum(e["eval_accept_len_hist"].values()) == e["eval_walk_steps"]
+        assert e["eval_walk_steps"] <= blocks  # each step consumes at least its own anchor
         assert 1 <= e["eval_accept_len_median"] <= B and 1 <= e["eval_accept_len_mean"] <= B
         assert len(e["eval_slot_accuracy"]) == B - 1 and np.isfinite(e["eval_loss"])
     # the draft learns what held-out text needs (measured: loss 5.80 -> 4.08 at best, accepted 1.00 -> 1.46)
@@ -105,8 +112,8 @@ def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
     assert summary["best_eval_step"] == best["step"] == summary["exported_step"]
     check = summary["export_check"]
     assert check["passed"] and check["blocks_from"] == "held-out" and check["num_anchors"] == blocks
-    # the check's JAX figure is the best evaluation's own (same blocks, same parameters, same function)
-    assert check["jax_accept_len_mean"] == pytest.approx(best["eval_accept_len_mean"], abs=1e-12)
+    # the check's JAX figure is the best evaluation's own per-block mean (same blocks, parameters, function)
+    assert check["jax_accept_len_mean"] == pytest.approx(best["eval_accept_len_position_mean"], abs=1e-12)
     assert abs(check["torch_accept_len_mean"] - check["jax_accept_len_mean"]) <= 0.02
     assert json.loads((root / "draft" / "export_check.json").read_text()) == check
     DFlashDraftModel.from_pretrained(root / "draft")
