@@ -46,7 +46,7 @@ step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$
 
 step heldout-cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$TEACHER" \
   --data "$DEMO_DIR/heldout.jsonl" --layout windows --ctx-len 256 --block-size 8 --num-context-features 3 \
-  --num-blocks 128 --batch-size 16 --dp 2 --tp 4 --out-dir "$DEMO_DIR/heldout_cache" --resume
+  --num-blocks 32 --batch-size 16 --dp 2 --tp 4 --out-dir "$DEMO_DIR/heldout_cache" --resume
 
 rm -rf "$DEMO_DIR/checkpoints" "$DEMO_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DEMO_DIR/cache" \
