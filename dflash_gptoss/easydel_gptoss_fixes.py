@@ -223,7 +223,11 @@ def load_easydel_gptoss(snapshot_dir: str | Path, *, dp: int, tp: int, dtype: st
     configure(ed_cfg, hf_cfg, fixes)
     precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
     model = EdModel.lazy_init(config=ed_cfg, dtype=jdt, param_dtype=jdt, precision=precision, rngs=nnx.Rngs(0))
-    transform = model._build_transform_fn(shard_fns=model._shard_fns)
+    # easydel's converter looks shard functions up by FLAT key tuples; ``_shard_fns`` is nested, so
+    # passed as is nothing matches and every weight lands unsharded on one device (a TPU chip would
+    # have to hold the whole teacher). Flattened, each weight is placed by its partition rule as it
+    # is converted.
+    transform = model._build_transform_fn(shard_fns=flatten_dict(model._shard_fns))
     params: dict = {}
     for group in _layer_groups(_iter_state_dict(snapshot_dir)):
         params.update(flatten_dict(transform(group, device=None, verbose=False, remove_state_dict=True)))
