@@ -42,7 +42,7 @@ def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, ti
     ax_loss.set_xlabel("training step")
     ax_loss.set_ylabel("weighted cross-entropy (nats)")
     ax_loss.legend(fontsize=8)
-    for key, color, label in (("mean_accept_len", "#d9822b", "accepted length per block (training batch)"),
+    for key, color, label in (("mean_accept_len", "#d9822b", "accepted per block (training batch, every anchor)"),
                               ("expected_accept_len", "#3b75af", "expected from slot accuracies")):
         ax_acc.plot(steps, _smooth([h[key] for h in history], window), color=color, label=label)
     if eval_history:
@@ -50,7 +50,7 @@ def plot_training_curve(history: list[dict[str, float]], path: str | Path, *, ti
         ax_loss.plot(es, [e["eval_loss"] for e in eval_history], "o-", color="#2a9d4b", ms=3, label="held-out")
         ax_loss.legend(fontsize=8)
         ax_acc.plot(es, [e["eval_accept_len_mean"] for e in eval_history], "o-", color="#2a9d4b", ms=3,
-                    label="accepted length per block (held-out, teacher-forced)")
+                    label="held-out: accepted per verify step (greedy walk)")
         if best_step is not None:
             best = next(e for e in eval_history if e["step"] == best_step)
             ax_acc.plot([best_step], [best["eval_accept_len_mean"]], "*", color="#c0392b", ms=11,
@@ -169,7 +169,7 @@ def summary_table(s: dict[str, Any]) -> list[str]:
         ("training (last 5% of steps)",
          f"{s['training_steps']} steps, loss {s['training_final_loss']:.3f}, accepted/block "
          f"{s['training_mean_accept_len']:.2f}" if s["training_final_loss"] is not None else "no history"),
-        ("held-out accepted length mean / median / p90 (teacher-forced)",
+        ("held-out accepted length per verify step mean / median / p90 (greedy walk over the held-out cache)",
          f"last {_eval_text(s['eval_last'])}" + (f"; best {_eval_text(s['eval_best'])}" if s["eval_best"] else "")
          + f"; {len(s['eval_history'])} evaluations took {s['eval_seconds_total']:.0f}s"
          if s.get("eval_last") else "no held-out evaluation"),
