@@ -52,7 +52,7 @@ rm -rf "$DEMO_DIR/checkpoints" "$DEMO_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DEMO_DIR/cache" \
   --teacher-snapshot-dir "$TEACHER" --save-directory "$DEMO_DIR/checkpoints" --model-name tiny-dflash \
   --dp 2 --tp 4 --total-batch-size 16 --anchors-per-window 16 --num-draft-layers 3 \
-  --max-training-steps 1600 --learning-rate 6e-3 --lr-schedule cosine --warmup-steps 50 \
+  --max-training-steps 1600 --learning-rate 1e-2 --lr-schedule cosine --warmup-steps 50 \
   --vocab-chunk-size 1024 --log-steps 50 --save-steps 400 \
   --eval-cache-dir "$DEMO_DIR/heldout_cache" --eval-steps 200 --keep-best \
   --export-dir "$DEMO_DIR/draft" --summary-json "$DEMO_DIR/train_summary.json" "$@"
