@@ -399,6 +399,31 @@ def _build_meta(
     }
 
 
+def check_build_geometry(
+    model_snapshot_dir: str | os.PathLike,
+    *,
+    layout: str,
+    ctx_len: int,
+    block_size: int,
+    num_context_features: int,
+    num_blocks: int,
+    batch_size: int,
+    dp: int,
+    tp: int,
+    dtype: str,
+) -> tuple[dict[str, Any], list[int]]:
+    """The checks of :func:`plan_teacher_cache` that need neither data nor an out-dir: (config, layer ids).
+
+    The TPU planner (``--plan-tpu``) validates a build with these before compiling its forward.
+    """
+    _check_settings(layout=layout, ctx_len=ctx_len, block_size=block_size, num_blocks=num_blocks,
+                    batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
+    cfg = read_teacher_config(model_snapshot_dir)
+    layer_ids = _layer_ids(cfg, num_context_features)
+    _check_model_positions(cfg, layout, ctx_len, block_size)
+    return cfg, layer_ids
+
+
 def plan_teacher_cache(
     model_snapshot_dir: str | os.PathLike,
     out_dir: str | os.PathLike,

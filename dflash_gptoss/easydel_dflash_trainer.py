@@ -273,6 +273,28 @@ def dflash_training_step(
     return state, metrics
 
 
+FROZEN_TABLE_SPEC = P("tp", None)
+"""``embed_tokens`` / ``lm_head`` ``[V, H]``: vocab rows over tp (the chunked CE reads its shard)."""
+BATCH_SPEC = P("dp")
+"""Every batch array: rows over dp."""
+
+
+def make_train_step(mesh: Any, state_shardings: Any, *, mask_token_id: int, weights: tuple[float, ...],
+                    vocab_chunk_size: int, gradient_accumulation_steps: int, scheduler: Any) -> Any:
+    """:func:`dflash_training_step`, jitted with the trainer's shardings; the state is donated.
+
+    ``fn(state, batch, embed, lm_head) -> (state, metrics)``. One definition for the trainer
+    (:meth:`DFlashTrainer.configure_functions`) and the TPU planner (:mod:`dflash_gptoss.tpu_plan`),
+    so a plan compiles exactly the step a run executes.
+    """
+    table = NamedSharding(mesh, FROZEN_TABLE_SPEC)
+    step = partial(dflash_training_step, mesh=mesh, mask_token_id=mask_token_id, weights=weights,
+                   vocab_chunk_size=vocab_chunk_size, gradient_accumulation_steps=gradient_accumulation_steps,
+                   scheduler=scheduler)
+    return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, BATCH_SPEC), table, table),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
 # ------------------------------------------------------------------------------- data
 def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window: int, rows: int,
                               seed: int, step: int, *, allowed: np.ndarray | None = None, row_offset: int = 0,
@@ -300,6 +322,29 @@ def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window:
     picks = np.sort(np.argsort(keys, axis=1)[:, :count], axis=1)
     weights = np.ones(picks.shape, np.float32) if allowed is None else np.take_along_axis(allowed, picks, 1)
     return (picks + lo).astype(np.int32), weights.astype(np.float32)
+
+
+def anchors_per_row(layout: str, ctx_len: int, block_size: int, anchors_per_window: int) -> int:
+    """Blocks per cache row in a step: 1 in ``blocks``, else ``anchors_per_window`` capped by the valid anchors."""
+    if layout == "blocks":
+        return 1
+    lo, hi = valid_anchor_range(ctx_len, block_size)
+    return min(int(anchors_per_window), hi - lo + 1)
+
+
+def step_batch_shapes(rows: int, *, ctx_len: int, features_width: int, anchors: int,
+                      block_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{name: (shape, dtype)}`` of the global batch one step reads (what :func:`host_batch` builds).
+
+    ``rows`` = total_batch_size x gradient accumulation; ``features_width`` = K x H; ``anchors``
+    from :func:`anchors_per_row`. Features travel as bf16 bit patterns (uint16).
+    """
+    return {
+        "context_features": ((rows, ctx_len, features_width), np.uint16),
+        "target_ids": ((rows, anchors, block_size), np.int32),
+        "anchor_positions": ((rows, anchors), np.int32),
+        "anchor_weights": ((rows, anchors), np.float32),
+    }
 
 
 def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
@@ -425,9 +470,9 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         self.loss_weights = tuple(float(x) for x in slot_weights(self.block_size, loss_decay_gamma))
         self.data_seed = int(seed)
         mesh = model.mesh
-        self.frozen_embed = jax.device_put(jnp.asarray(embed, jnp.float32), NamedSharding(mesh, P("tp", None)))
-        self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, P("tp", None)))
-        self.batch_sharding = NamedSharding(mesh, P("dp"))
+        self.frozen_embed = jax.device_put(jnp.asarray(embed, jnp.float32), NamedSharding(mesh, FROZEN_TABLE_SPEC))
+        self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, FROZEN_TABLE_SPEC))
+        self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
         self.history: list[dict[str, float]] = []
         super().__init__(arguments=arguments, model=model)
 
@@ -500,14 +545,10 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         from easydel.trainers.base_trainer import TrainerConfigureFunctionOutput
 
         mesh = self.model.mesh
-        replicated = NamedSharding(mesh, P())
-        table = NamedSharding(mesh, P("tp", None))
-        step = partial(dflash_training_step, mesh=mesh, mask_token_id=self.mask_token_id,
-                       weights=self.loss_weights, vocab_chunk_size=self.vocab_chunk_size,
-                       gradient_accumulation_steps=int(self.arguments.gradient_accumulation_steps),
-                       scheduler=self.scheduler)
-        train_fn = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding, table, table),
-                           out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        train_fn = make_train_step(mesh, self.state_shardings, mask_token_id=self.mask_token_id,
+                                   weights=self.loss_weights, vocab_chunk_size=self.vocab_chunk_size,
+                                   gradient_accumulation_steps=int(self.arguments.gradient_accumulation_steps),
+                                   scheduler=self.scheduler)
         self._train_shared_fn_static_args = ()
         self._train_shared_fn_extra_args = (self.frozen_embed, self.frozen_lm_head)
         self.arguments.ensure_checkpoint_path()
@@ -584,13 +625,50 @@ def _constant_with_warmup(learning_rate: float, warmup_steps: int) -> Any:
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "none"}
 
 
+def training_arguments(s: DFlashTrainingSettings, *, anchors: int, block_size: int) -> Any:
+    """easydel ``TrainingArguments`` of a run (optimizer, schedule, logging, checkpoints).
+
+    ``anchors`` (blocks per row) only sets ``max_length``, so that easydel's throughput figure is
+    supervised draft tokens per second. The TPU planner builds its optimizer from these too.
+    """
+    from easydel.trainers import TrainingArguments
+
+    return TrainingArguments(
+        save_directory=s.save_directory,
+        model_name=s.model_name,
+        max_training_steps=s.max_training_steps,
+        total_batch_size=s.total_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        scheduler=_SCHEDULES[s.lr_schedule],
+        learning_rate_end=0.0 if s.lr_schedule == "linear" else None,  # eformer: linear requires an end value
+        # eformer refuses warmup without a decaying scheduler, so "constant" brings its own warmup.
+        warmup_steps=0 if s.lr_schedule == "constant" else s.warmup_steps,
+        custom_scheduler=(_constant_with_warmup(s.learning_rate, s.warmup_steps)
+                          if s.lr_schedule == "constant" else None),
+        weight_decay=s.weight_decay,
+        optimizer="adamw",
+        log_steps=s.log_steps,
+        report_steps=s.log_steps,
+        save_steps=s.save_steps,
+        resume_if_possible=s.resume,
+        do_last_save=True,
+        use_wandb=False,
+        track_memory=False,
+        use_data_collator=False,
+        max_length=anchors * (block_size - 1),  # supervised slots per row: throughput = draft tokens/s
+        progress_bar_type=s.progress_bar,
+        shuffle_train_dataset=False,
+        do_eval=False,
+    )
+
+
 def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     """Validate everything, build the draft, the easydel ``TrainingArguments`` and the trainer.
 
     Returns ``(trainer, draft_config)``. Raises :class:`TrainerInputError` /
     ``CacheMismatchError`` before any compilation when the inputs cannot work together.
     """
-    from easydel.trainers import TrainingArguments
     from transformers import AutoConfig
 
     from dflash_gptoss.config import make_draft_config
@@ -623,36 +701,8 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     if jax.process_count() > 1:
         _rng_keys_on_mesh(model)
         _single_writer_checkpoint_files()
-    lo, hi = valid_anchor_range(int(meta["ctx_len"]), block_size)
-    nb = 1 if ds.layout == "blocks" else min(s.anchors_per_window, hi - lo + 1)
-    args = TrainingArguments(
-        save_directory=s.save_directory,
-        model_name=s.model_name,
-        max_training_steps=s.max_training_steps,
-        total_batch_size=s.total_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        learning_rate=s.learning_rate,
-        scheduler=_SCHEDULES[s.lr_schedule],
-        learning_rate_end=0.0 if s.lr_schedule == "linear" else None,  # eformer: linear requires an end value
-        # eformer refuses warmup without a decaying scheduler, so "constant" brings its own warmup.
-        warmup_steps=0 if s.lr_schedule == "constant" else s.warmup_steps,
-        custom_scheduler=(_constant_with_warmup(s.learning_rate, s.warmup_steps)
-                          if s.lr_schedule == "constant" else None),
-        weight_decay=s.weight_decay,
-        optimizer="adamw",
-        log_steps=s.log_steps,
-        report_steps=s.log_steps,
-        save_steps=s.save_steps,
-        resume_if_possible=s.resume,
-        do_last_save=True,
-        use_wandb=False,
-        track_memory=False,
-        use_data_collator=False,
-        max_length=nb * (block_size - 1),  # supervised slots per row: throughput = draft tokens/s
-        progress_bar_type=s.progress_bar,
-        shuffle_train_dataset=False,
-        do_eval=False,
-    )
+    nb = anchors_per_row(ds.layout, int(meta["ctx_len"]), block_size, s.anchors_per_window)
+    args = training_arguments(s, anchors=nb, block_size=block_size)
     gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
