@@ -243,7 +243,11 @@ def load_easydel_gptoss(snapshot_dir: str | Path, *, dp: int, tp: int, dtype: st
 
     snapshot_dir = Path(snapshot_dir)
     model = lazy_easydel_gptoss(snapshot_dir, dp=dp, tp=tp, dtype=dtype, fixes=fixes)
-    transform = model._build_transform_fn(shard_fns=model._shard_fns)
+    # easydel's converter looks shard functions up by FLAT key tuples; ``_shard_fns`` is nested, so
+    # passed as is nothing matches and every weight lands unsharded on one device (a TPU chip would
+    # have to hold the whole teacher). Flattened, each weight is placed by its partition rule as it
+    # is converted (tests/test_tpu_plan.py checks the placement against the TPU planner's).
+    transform = model._build_transform_fn(shard_fns=flatten_dict(model._shard_fns))
     params: dict = {}
     for group in _layer_groups(_iter_state_dict(snapshot_dir)):
         params.update(flatten_dict(transform(group, device=None, verbose=False, remove_state_dict=True)))
