@@ -30,6 +30,10 @@ from dflash_gptoss.tpu_topologies import GIB, TpuTopology, check_mesh, find_topo
 
 DEFAULT_MFU = 0.4
 """Assumed model FLOPs utilisation for the time estimate (a flag; not measured here)."""
+HIGHEST_PRECISION_PASSES = 6
+"""bfloat16 MXU passes per float32 product at ``Precision.HIGHEST`` on TPU (``jax.lax.Precision``'s
+docstring). The float32 teacher runs at HIGHEST (``easydel_gptoss_fixes.lazy_easydel_gptoss``), so its
+time estimate counts each FLOP six times; bf16 and DEFAULT-precision programs count it once."""
 
 # Documented throughput limits of Compute Engine zonal persistent disks per VM instance, MiB/s:
 # (balanced or SSD, extreme on large N2 VMs). Source: https://cloud.google.com/compute/docs/disks/performance
@@ -67,6 +71,7 @@ class StepPlan:
     flops_per_step_per_chip: float | None
     steps: int
     mfu: float
+    matmul_passes: int  # bf16 MXU passes per FLOP in the estimate (6: float32 at Precision.HIGHEST)
     peak_flops_per_chip: float
     peak_flops_source: str
     estimated_seconds_per_step: float | None
@@ -256,27 +261,33 @@ def compile_for_topology(jitted: Any, args: tuple, mesh: Any) -> Compiled:
         "temporaries": int(mem.temp_size_in_bytes),
         "generated_code": int(mem.generated_code_size_in_bytes),
     }
-    # "peak" is the compiler's own live-range peak (what it checked against HBM); the sum of all
-    # buffers can be larger, since temporaries are not all live while every argument is.
+    # "peak": the compiler's live-range peak, but never below what is surely resident at the end (the
+    # arguments and the outputs not aliased to them; for a few tiny programs the compiler's figure is
+    # lower). The sum of all buffers is larger: temporaries are not all live at once.
+    memory["compiler_peak"] = int(getattr(mem, "peak_memory_in_bytes", 0))
     memory["buffers_total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
-    memory["peak"] = int(getattr(mem, "peak_memory_in_bytes", 0)) or memory["buffers_total"]
+    memory["peak"] = max(memory["compiler_peak"], memory["arguments"] + memory["outputs"] - memory["aliased"])
     return Compiled(True, memory, float(cost.get("flops", 0.0)), time.perf_counter() - t0)
 
 
 def _assemble(step: str, topo: TpuTopology, dp: int, tp: int, settings: dict[str, Any], breakdown: dict[str, int],
-              result: Compiled, steps: int, mfu: float, io: dict[str, Any]) -> StepPlan:
-    """One :class:`StepPlan` from a compile result: memory, time estimate, verdict."""
+              result: Compiled, steps: int, mfu: float, io: dict[str, Any], passes: int = 1) -> StepPlan:
+    """One :class:`StepPlan` from a compile result: memory, time estimate, verdict.
+
+    Time per step = FLOPs x ``passes`` / (MFU x the chip's peak bf16 FLOP/s): every FLOP is
+    counted as a matmul FLOP (they dominate both steps).
+    """
     memory: dict[str, Any] = {"peak": None, "temporaries": None, **result.memory}
     if not result.fits:
         memory.setdefault("arguments", sum(breakdown.values()))  # our arithmetic where the compiler did not say
     memory["arguments_breakdown"] = breakdown
-    per_step = None if result.flops is None else result.flops / (mfu * topo.chip.peak_bf16_flops)
+    per_step = None if result.flops is None else result.flops * passes / (mfu * topo.chip.peak_bf16_flops)
     plan = StepPlan(
         step=step, topology=topo.accelerator_type, topology_name=topo.topology, chips=topo.devices,
         hosts=topo.hosts, mesh={"dp": dp, "tp": tp}, settings=settings, per_chip_bytes=memory,
         hbm_bytes_per_chip=topo.chip.usable_hbm_bytes, chip_nominal_hbm=topo.chip.nominal_hbm, fits=result.fits,
         flops_per_step_per_chip=result.flops,
-        steps=steps, mfu=mfu, peak_flops_per_chip=topo.chip.peak_bf16_flops,
+        steps=steps, mfu=mfu, matmul_passes=passes, peak_flops_per_chip=topo.chip.peak_bf16_flops,
         peak_flops_source=topo.chip.source, estimated_seconds_per_step=per_step,
         estimated_seconds=None if per_step is None else per_step * steps, compile_seconds=result.seconds,
         io=io, compiler_message=result.message)
@@ -324,12 +335,11 @@ def _verdict(p: StepPlan) -> str:
 
 
 # ------------------------------------------------------------------------------ the cache step
-def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_size: int, num_context_features: int,
-                    num_blocks: int, batch_size: int, layout: str = "blocks", dp: int = 1, tp: int = 1,
-                    dtype: str = "float32", mfu: float = DEFAULT_MFU) -> StepPlan:
-    """Plan the cache build: compile the builder's teacher forward at its batch and window length."""
+def check_cache_request(model: str | Path, topology: str, *, ctx_len: int, block_size: int,
+                        num_context_features: int, num_blocks: int, batch_size: int, layout: str, dp: int, tp: int,
+                        dtype: str, mfu: float) -> tuple[TpuTopology, Path, dict[str, Any], list[int]]:
+    """Every cheap check of a cache plan (no jax): (topology, config folder, config, layer ids)."""
     from dflash_gptoss.cache_builder import CacheBuildError, check_build_geometry
-    from dflash_gptoss.cache_format import array_specs, cache_nbytes, window_len
 
     topo, config_dir = validate_plan_request(topology, dp=dp, tp=tp, mfu=mfu, batch=batch_size,
                                              batch_flag="--batch-size", model=model)
@@ -342,6 +352,18 @@ def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_siz
     for name in ("num_attention_heads", "vocab_size"):
         if int(cfg[name]) % tp:
             raise PlanInputError(f"{name}={cfg[name]} is not divisible by --tp {tp}; easydel shards it over tp")
+    return topo, config_dir, cfg, layer_ids
+
+
+def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_size: int, num_context_features: int,
+                    num_blocks: int, batch_size: int, layout: str = "blocks", dp: int = 1, tp: int = 1,
+                    dtype: str = "float32", mfu: float = DEFAULT_MFU) -> StepPlan:
+    """Plan the cache build: compile the builder's teacher forward at its batch and window length."""
+    from dflash_gptoss.cache_format import array_specs, cache_nbytes, window_len
+
+    topo, config_dir, cfg, layer_ids = check_cache_request(
+        model, topology, ctx_len=ctx_len, block_size=block_size, num_context_features=num_context_features,
+        num_blocks=num_blocks, batch_size=batch_size, layout=layout, dp=dp, tp=tp, dtype=dtype, mfu=mfu)
 
     import jax
     from flax import nnx
@@ -371,7 +393,8 @@ def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_siz
                     num_context_features=num_context_features, target_layer_ids=layer_ids, num_blocks=num_blocks,
                     batch_size=batch_size, window_len=wlen, dtype=dtype, attention="vanilla")
     breakdown = {"parameters": per_chip_nbytes(abstract_state), "batch": per_chip_nbytes(ids)}
-    plan = _assemble("cache", topo, dp, tp, settings, breakdown, result, forwards, mfu, io)
+    passes = HIGHEST_PRECISION_PASSES if dtype == "float32" else 1
+    plan = _assemble("cache", topo, dp, tp, settings, breakdown, result, forwards, mfu, io, passes)
     plan.io["hours_if_written_at_pd_limit"] = disk / (PD_LIMITS_MIBPS["write"][0] * MIB * topo.hosts) / 3600
     if plan.estimated_seconds_per_step:
         rate = per_forward / plan.estimated_seconds_per_step / topo.hosts
@@ -442,6 +465,34 @@ def cache_geometry(cache_dir: str | Path | None, teacher_cfg: dict[str, Any], *,
     return CacheGeometry(lay, int(ctx_len), int(block_size), ids, "plan flags")
 
 
+def check_train_request(model: str | Path, topology: str, *, dp: int, tp: int, mfu: float, counts: dict[str, Any],
+                        warmup_steps: int, cache_dir: str | Path | None,
+                        geometry: dict[str, Any] | None) -> tuple[TpuTopology, Path, dict[str, Any], CacheGeometry]:
+    """Every cheap check of a training plan (no jax): (topology, config folder, teacher config, geometry).
+
+    ``counts`` maps flag names (``total_batch_size``, ``max_training_steps``, ...) to values that
+    must be integers >= 1.
+    """
+    topo, config_dir = validate_plan_request(topology, dp=dp, tp=tp, mfu=mfu, batch=counts["total_batch_size"],
+                                             batch_flag="--total-batch-size", model=model)
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlanInputError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1")
+    if warmup_steps < 0:
+        raise PlanInputError(f"--warmup-steps {warmup_steps} must be >= 0")
+    teacher_cfg = json.loads((config_dir / "config.json").read_text())
+    vocab = int(teacher_cfg["vocab_size"])
+    if vocab % tp:
+        raise PlanInputError(f"vocab_size={vocab} is not divisible by --tp {tp}: lm_head rows are sharded over tp")
+    geo = cache_geometry(cache_dir or None, teacher_cfg, **(geometry or {}))
+    return topo, config_dir, teacher_cfg, geo
+
+
+TRAIN_COUNTS = ("total_batch_size", "max_training_steps", "vocab_chunk_size", "num_draft_layers",
+                "anchors_per_window", "gradient_accumulation_steps")
+"""Training settings that must be integers >= 1 (checked by :func:`check_train_request`)."""
+
+
 def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | None = None,
                     mfu: float = DEFAULT_MFU) -> StepPlan:
     """Plan training: compile the trainer's whole jitted optimizer step for ``settings`` on ``topology``.
@@ -452,20 +503,11 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
     when the cache has no ``meta.json`` yet.
     """
     s = settings
-    topo, config_dir = validate_plan_request(topology, dp=s.dp, tp=s.tp, mfu=mfu, batch=s.total_batch_size,
-                                             batch_flag="--total-batch-size", model=s.teacher_snapshot_dir)
-    for name in ("max_training_steps", "total_batch_size", "vocab_chunk_size", "num_draft_layers",
-                 "anchors_per_window", "gradient_accumulation_steps"):
-        value = getattr(s, name)
-        if not isinstance(value, int) or value < 1:
-            raise PlanInputError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1")
-    if s.warmup_steps < 0:
-        raise PlanInputError(f"--warmup-steps {s.warmup_steps} must be >= 0")
-    teacher_cfg = json.loads((config_dir / "config.json").read_text())
+    topo, config_dir, teacher_cfg, geo = check_train_request(
+        s.teacher_snapshot_dir, topology, dp=s.dp, tp=s.tp, mfu=mfu,
+        counts={k: getattr(s, k) for k in TRAIN_COUNTS}, warmup_steps=s.warmup_steps, cache_dir=s.cache_dir,
+        geometry=geometry)
     vocab, hidden = int(teacher_cfg["vocab_size"]), int(teacher_cfg["hidden_size"])
-    if vocab % s.tp:
-        raise PlanInputError(f"vocab_size={vocab} is not divisible by --tp {s.tp}: lm_head rows are sharded over tp")
-    geo = cache_geometry(s.cache_dir or None, teacher_cfg, **(geometry or {}))
 
     import jax
     import jax.numpy as jnp
@@ -550,6 +592,9 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
     return plan
 
 
-__all__ = ["DEFAULT_MFU", "CacheGeometry", "Compiled", "PlanCompileError", "PlanInputError", "StepPlan",
-           "cache_geometry", "compile_for_topology", "easydel_state_shardings", "per_chip_nbytes", "plan_cache_step",
-           "plan_train_step", "rate_verdict", "teacher_state_shardings", "validate_plan_request", "with_shardings"]
+__all__ = [
+    "DEFAULT_MFU", "TRAIN_COUNTS", "CacheGeometry", "Compiled", "PlanCompileError", "PlanInputError", "StepPlan",
+    "cache_geometry", "check_cache_request", "check_train_request", "compile_for_topology", "easydel_state_shardings",
+    "per_chip_nbytes", "plan_cache_step", "plan_train_step", "rate_verdict", "teacher_state_shardings",
+    "validate_plan_request", "with_shardings",
+]

@@ -8,6 +8,7 @@ so a plan reads the same everywhere. Nothing here imports jax: bad input is refu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -83,9 +84,11 @@ def format_plan(p: StepPlan) -> str:
         f"peak {_b(m.get('peak'))} of {_b(p.hbm_bytes_per_chip)} usable HBM ({p.chip_nominal_hbm} nominal)",
     ]
     if p.flops_per_step_per_chip is not None:
+        passes = "" if p.matmul_passes == 1 else f", each FLOP x{p.matmul_passes} (float32 at HIGHEST precision)"
         lines.append(f"  {p.flops_per_step_per_chip:.3e} FLOPs per step per chip; {p.steps} steps; estimated "
                      f"{p.estimated_seconds_per_step:.3f} s/step, {p.estimated_seconds / 3600:.2f} h in all at MFU "
-                     f"{p.mfu:g} of {p.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16 per chip ({p.peak_flops_source})")
+                     f"{p.mfu:g} of {p.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16 per chip{passes} "
+                     f"({p.peak_flops_source})")
     io = p.io
     if p.step == "cache":
         lines.append(f"  cache on disk {human_bytes(io['cache_bytes_on_disk'])}, "
@@ -185,27 +188,7 @@ def largest_fitting_batch(plan_at: Callable[[int], StepPlan], start: int, multip
 
 
 # ------------------------------------------------------------------------------ entry points
-def run_plans(planners: dict[str, Callable[[], StepPlan]], json_path: str | None) -> int:
-    """Run each named planner, print each plan, write the JSON; exit code 2 on bad input, 1 on a compile error.
-
-    One plan writes its object; several write ``{step: plan}``.
-    """
-    plans: dict[str, StepPlan] = {}
-    try:
-        for name, planner in planners.items():
-            plans[name] = planner()
-            print(format_plan(plans[name]), flush=True)
-    except PlanInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except PlanCompileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_COMPILE_ERROR
-    if json_path:
-        docs = {k: v.to_json() for k, v in plans.items()}
-        write_plan_json(json_path, next(iter(docs.values())) if len(docs) == 1 else docs)
-        print(f"plan written to {json_path}")
-    return 0
+STEPS = ("cache", "train")
 
 
 def cache_planner(args: argparse.Namespace, topology: str) -> Callable[[], StepPlan]:
@@ -239,28 +222,126 @@ def training_settings(args: argparse.Namespace, total_batch_size: int) -> Any:
     return DFlashTrainingSettings(**values)
 
 
+def _geometry(args: argparse.Namespace) -> dict[str, Any]:
+    return {"layout": args.layout, "ctx_len": args.ctx_len, "block_size": args.block_size,
+            "num_context_features": args.num_context_features}
+
+
 def train_planner(args: argparse.Namespace, topology: str) -> Callable[[], StepPlan]:
-    """The training step's planner from the trainer's flags (``--total-batch-size`` searched with auto batch).
-
-    Cheap checks come first (before easydel is imported), then the run's settings and the compile.
-    """
-    from dflash_gptoss.tpu_plan import validate_plan_request
-
-    geometry = {"layout": args.layout, "ctx_len": args.ctx_len, "block_size": args.block_size,
-                "num_context_features": args.num_context_features}
+    """The training step's planner from the trainer's flags (``--total-batch-size`` searched with auto batch)."""
+    from dflash_gptoss.tpu_plan import plan_train_step
 
     def at(batch: int) -> StepPlan:
-        validate_plan_request(topology, dp=args.dp, tp=args.tp, mfu=args.mfu, batch=batch,
-                              batch_flag="--total-batch-size", model=args.teacher_snapshot_dir)
-        from dflash_gptoss.tpu_plan import plan_train_step
-
-        return plan_train_step(training_settings(args, batch), topology, geometry=geometry, mfu=args.mfu)
+        return plan_train_step(training_settings(args, batch), topology, geometry=_geometry(args), mfu=args.mfu)
 
     if not args.plan_auto_batch:
         return lambda: at(args.total_batch_size)
     return lambda: largest_fitting_batch(at, args.total_batch_size, args.dp)
 
 
-__all__ = ["AUTO_BATCH_MAX", "EXIT_BAD_INPUT", "TABLE_HEADER", "add_plan_arguments", "cache_planner", "format_plan",
-           "largest_fitting_batch", "run_plans", "table_row", "train_planner", "training_settings",
-           "write_plan_json"]
+def precheck(step: str, args: argparse.Namespace, topology: str) -> None:
+    """The cheap checks of one step's plan, in this process (no jax): PlanInputError on bad input."""
+    from dflash_gptoss.tpu_plan import TRAIN_COUNTS, check_cache_request, check_train_request
+
+    if step == "cache":
+        check_cache_request(args.model_snapshot_dir, topology, ctx_len=args.ctx_len, block_size=args.block_size,
+                            num_context_features=args.num_context_features, num_blocks=args.num_blocks,
+                            batch_size=args.batch_size, layout=args.layout, dp=args.dp, tp=args.tp, dtype=args.dtype,
+                            mfu=args.mfu)
+    else:
+        check_train_request(args.teacher_snapshot_dir, topology, dp=args.dp, tp=args.tp, mfu=args.mfu,
+                            counts={k: getattr(args, k) for k in TRAIN_COUNTS}, warmup_steps=args.warmup_steps,
+                            cache_dir=args.cache_dir, geometry=_geometry(args))
+
+
+def _plan_child(conn: Any, step: str, args: argparse.Namespace, topology: str, stderr_path: str) -> None:
+    """Child process: plan one step, send ``(kind, payload)`` back. Its stderr (libtpu's) goes to a file."""
+    import traceback
+
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    try:
+        plan = (cache_planner if step == "cache" else train_planner)(args, topology)()
+        conn.send(("ok", plan.to_json()))
+    except PlanInputError as exc:
+        conn.send(("input", str(exc)))
+    except PlanCompileError as exc:
+        conn.send(("compile", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported as one line; the traceback stays in the log file
+        traceback.print_exc()
+        conn.send(("error", f"{type(exc).__name__}: {exc}".splitlines()[0]))
+
+
+def _fatal_line(stderr_path: str) -> str:
+    """libtpu's own reason for an abort (its ``Check failed`` / fatal log line), if it left one."""
+    try:
+        text = Path(stderr_path).read_text(errors="replace")
+    except OSError:
+        return "no message"
+    fatal = [ln for ln in text.splitlines() if "Check failed" in ln or ln.startswith("F")]
+    return fatal[0].strip() if fatal else (text.strip().splitlines() or ["no message"])[-1]
+
+
+def plan_in_child(step: str, args: argparse.Namespace, topology: str) -> StepPlan:
+    """Run one step's plan in a fresh process, so that a crash of libtpu itself (a C++ ``CHECK``
+    failure aborts the whole process; libtpu 0.0.37 does so for some v5p programs) becomes one
+    error line here instead of a core dump. Raises PlanInputError / PlanCompileError."""
+    import multiprocessing
+    import tempfile
+    from dataclasses import fields
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold XLA threads
+    receiver, sender = ctx.Pipe(duplex=False)
+    log = tempfile.NamedTemporaryFile(prefix=f"dflash_plan_{step}_", suffix=".log", delete=False)
+    log.close()
+    child = ctx.Process(target=_plan_child, args=(sender, step, args, topology, log.name), daemon=True)
+    child.start()
+    sender.close()
+    try:
+        kind, payload = receiver.recv()
+    except EOFError:
+        kind, payload = "crash", None
+    child.join()
+    if kind == "crash":
+        raise PlanCompileError(f"the TPU compiler (libtpu) aborted while planning the {step} step for {topology} "
+                               f"(exit code {child.exitcode}): {_fatal_line(log.name)}; full log: {log.name}")
+    if kind == "error":
+        raise PlanCompileError(f"planning the {step} step failed: {payload}; full log: {log.name}")
+    os.unlink(log.name)
+    if kind == "input":
+        raise PlanInputError(payload)
+    if kind == "compile":
+        raise PlanCompileError(payload)
+    return StepPlan(**{f.name: payload[f.name] for f in fields(StepPlan)})
+
+
+def run_plans(args: argparse.Namespace, topology: str, steps: tuple[str, ...], json_path: str | None) -> int:
+    """Plan ``steps`` (cheap checks here first, each compile in its own process), print, write the JSON.
+
+    Exit code 2 on bad input (one ``error:`` line, before anything is compiled), 1 when the compiler
+    refuses or crashes, 0 otherwise (a plan that does not fit is a plan). One step writes its plan
+    object; several write ``{step: plan}``.
+    """
+    plans: dict[str, StepPlan] = {}
+    try:
+        for step in steps:
+            precheck(step, args, topology)
+        for step in steps:
+            plans[step] = plan_in_child(step, args, topology)
+            print(format_plan(plans[step]), flush=True)
+    except PlanInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except PlanCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_COMPILE_ERROR
+    if json_path:
+        docs = {k: v.to_json() for k, v in plans.items()}
+        write_plan_json(json_path, next(iter(docs.values())) if len(docs) == 1 else docs)
+        print(f"plan written to {json_path}")
+    return 0
+
+
+__all__ = ["AUTO_BATCH_MAX", "EXIT_BAD_INPUT", "STEPS", "TABLE_HEADER", "add_plan_arguments", "cache_planner",
+           "format_plan", "largest_fitting_batch", "plan_in_child", "precheck", "run_plans", "table_row",
+           "train_planner", "training_settings", "write_plan_json"]

@@ -22,9 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash_gptoss.cli_types import non_negative_float, positive_float, positive_int  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import add_plan_arguments, cache_planner, run_plans, train_planner  # noqa: E402
-
-STEPS = ("cache", "train")
+from dflash_gptoss.tpu_plan_cli import STEPS, add_plan_arguments, run_plans  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --steps {args.steps!r}: choose from {', '.join(STEPS)} (comma-separated)", file=sys.stderr)
         return 2
     args.teacher_snapshot_dir = args.model_snapshot_dir  # the trainer's name for the same folder
-    planners = {"cache": lambda: cache_planner(args, args.topology)(),
-                "train": lambda: train_planner(args, args.topology)()}
-    return run_plans({s: planners[s] for s in steps}, args.plan_json)
+    return run_plans(args, args.topology, tuple(steps), args.plan_json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import add_plan_arguments, cache_planner, run_plans  # noqa: E402
+from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plan_tpu:  # plan for a named TPU instead of building: no data read, nothing written but the plan
-        return run_plans({"cache": cache_planner(args, args.plan_tpu)}, args.plan_json)
+        return run_plans(args, args.plan_tpu, ("cache",), args.plan_json)
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
     from dflash_gptoss.cache_builder import load_teacher, plan_teacher_cache, run_plan
     from dflash_gptoss.cache_format import bytes_per_window

@@ -18,7 +18,7 @@ from dflash_gptoss.cli_types import non_negative_float as _non_negative_float  #
 from dflash_gptoss.cli_types import positive_float as _positive_float  # noqa: E402
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans, train_planner  # noqa: E402
+from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.total_batch_size % args.dp:
         parser.error(f"--total-batch-size {args.total_batch_size} is not divisible by --dp {args.dp}")
     if args.plan_tpu:  # plan for a named TPU instead of training: no cache or weights read, nothing written
-        return run_plans({"train": train_planner(args, args.plan_tpu)}, args.plan_json)
+        return run_plans(args, args.plan_tpu, ("train",), args.plan_json)
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
