@@ -2,17 +2,38 @@
 
 Shared by the local CLI (``scripts/dflash_benchmark.py``) and the Modal app
 (``modal/dflash_gptoss20b_benchmark.py``). Every prompt's speculative output is
-compared token by token with the baseline's; a mismatch is counted and reported,
-never hidden (in bf16 on a GPU, near-ties can flip an argmax between the
-one-token steps and the block verify).
+compared token by token with the baseline's, on every repeat; a mismatch is
+counted and reported, never hidden (in bf16 on a GPU, near-ties can flip an
+argmax between the one-token steps and the block verify).
+
+Figures that hold on a shared machine (``bench_stats`` has the definitions):
+
+* the two loops run interleaved: ``R`` passes over the prompts, and within a pass
+  each prompt runs baseline then DFlash back to back, so both loops of a prompt
+  see the same load, and a burst during one pass is outvoted by the other passes;
+* per prompt and loop the MEDIAN of the ``R`` repeats is kept;
+* the headline ``speedup`` is the ratio of total decode time, baseline over
+  DFlash (sums over prompts of those medians; prefill, which both loops do the
+  same way, is left out), reported with the median and IQR of the per-prompt
+  ratios, so one fast or slow prompt cannot carry the figure;
+* ``noisy`` is set when the repeats of any prompt disagree by more than 10%;
+* the per-step costs (``decode_costs``) are sampled after every pass, so they
+  see the load the loops saw, and ``loop_efficiency`` says how much of what the
+  acceptance allows the loop delivers;
+* on CPU, the process's CPU time of every call is kept beside the wall time: its
+  share of the wall time says how much of the noise was other jobs taking the core.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,15 +42,39 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dflash_gptoss.bench_stats import (
+    NOISE_THRESHOLD,
+    SPREAD_DEFINITION,
+    is_noisy,
+    percentile,
+    ratio_summary,
+    spread,
+)
 from dflash_gptoss.config import (
     default_mask_token_id,
     default_num_context_features,
     make_draft_config,
     target_layer_ids,
 )
+from dflash_gptoss.decode_costs import measure_cost_samples, modelled_speedup, summarize_costs
 from dflash_gptoss.decoding import DecodeResult, DFlashDrafter, OracleDrafter, greedy_decode, speculative_decode
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
+from dflash_gptoss.preflight import check_file_stem, check_output_dir, check_output_files
 from dflash_gptoss.target import TargetRunner
+
+# Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
+# disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, not yet measured here (no GPU
+# in the session that chose it): a GPU held by one job is not time-sliced, so its repeats should agree
+# closely and a third costs minutes per repeat on gpt-oss-20b; 2 still measure the spread, so the noisy
+# flag says when that expectation fails (then pass --repeats 3).
+DEFAULT_REPEATS = {"cpu": 3, "cuda": 2}
+# torch intra-op threads on CPU when --cpu-threads is not given. With 2+ threads every op ends at a thread
+# barrier, and one core busy with another job stalls each of the thousands of small ops of a decode: on
+# this project's 2-core machine with one core kept busy, the tiny teacher's baseline ran at 26.2 tok/s with
+# 1 thread and 4.1 tok/s with 2 (artifacts/dflash_bench/noisy_20261125_152523/threads_*.json). More threads
+# can only pay where the cores are free: --cpu-threads N there.
+DEFAULT_CPU_THREADS = 1
+COST_ROUNDS_PER_PASS = 10  # timed rounds of the per-step costs after each pass (pooled; medians reported)
 
 
 @dataclass
@@ -43,12 +88,47 @@ class BenchSettings:
     eos_token_id: int | None = None
     warmup: bool = True
     seed: int = 0
+    repeats: int | None = None  # None: DEFAULT_REPEATS for the device
+    cpu_threads: int | None = DEFAULT_CPU_THREADS  # None: leave torch's choice
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.max_new_tokens < 2:
+            raise ValueError(f"--max-new-tokens must be >= 2 (the first token comes from the prefill; the decode "
+                             f"loops the speedup compares make the rest), got {self.max_new_tokens}.")
         if self.block_size < 2:
             raise ValueError(f"--block-size must be >= 2 (an anchor and at least one proposal), got {self.block_size}.")
+        if self.repeats is not None and self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {self.repeats}.")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}.")
+        if self.draft not in ("oracle", "random") and not Path(self.draft).expanduser().is_dir():
+            raise FileNotFoundError(f"--draft {self.draft!r} is not a folder; pass an exported draft folder "
+                                    "(config.json + model.safetensors), 'oracle' or 'random'.")
+
+    def repeats_for(self, device: torch.device) -> int:
+        return self.repeats if self.repeats is not None else DEFAULT_REPEATS.get(device.type, 3)
+
+
+def check_positions(prompt_lengths: list[int], max_new_tokens: int, max_positions: int | None) -> None:
+    """Refuse a run that would feed the target positions it does not have.
+
+    Both loops feed positions ``0 .. P + N - 2`` for a prompt of P tokens and N new
+    tokens: the last token is emitted, never fed back, and the speculative loop
+    shrinks its last block to the tokens still owed, so its verify (and the draft's
+    block) never reaches past that either. Hence ``P + N - 1 <= max_positions``.
+    """
+    if max_positions is None or not prompt_lengths:
+        return
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens - 1 <= max_positions:
+        return
+    index, allowed = prompt_lengths.index(longest), max_positions - longest + 1
+    where = (f"prompt {index} has {longest} tokens; with --max-new-tokens {max_new_tokens} the loops would feed "
+             f"positions up to {longest + max_new_tokens - 2}, but the target has max_position_embeddings="
+             f"{max_positions} (positions 0..{max_positions - 1}).")
+    fix = (f"Use --max-new-tokens <= {allowed} with these prompts, or shorter prompts." if allowed >= 2
+           else "Use shorter prompts.")
+    raise ValueError(f"{where} {fix}")
 
 
 def device_name(device: torch.device) -> str:
@@ -81,15 +161,6 @@ def build_draft(settings: BenchSettings, target_model: torch.nn.Module, tokenize
     return draft.to(device=weight.device, dtype=weight.dtype).eval()
 
 
-def _percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    rank = q * (len(ordered) - 1)
-    lo, hi = int(rank), min(int(rank) + 1, len(ordered) - 1)
-    return float(ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo))
-
-
 def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -97,18 +168,78 @@ def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _loop_stats(result: DecodeResult) -> dict[str, Any]:
-    total = result.prefill_s + result.decode_s
-    n = len(result.tokens)
+@contextmanager
+def _no_gc_pauses() -> Iterator[None]:
+    """Keep Python's cyclic GC out of the timed region (as ``timeit`` does); the run collects between passes."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _loop_stats(results: list[DecodeResult], cpu_s: list[float] | None) -> dict[str, Any]:
+    """One loop on one prompt over its repeats: medians, the repeats themselves, their spread.
+
+    ``cpu_s`` (CPU runs only): the process's CPU seconds of each whole call (prefill + decode).
+    """
+    n = len(results[0].tokens)
+    prefill = statistics.median(r.prefill_s for r in results)
+    decode = statistics.median(r.decode_s for r in results)
     return {
         "new_tokens": n,
-        "prefill_s": result.prefill_s,
-        "decode_s": result.decode_s,
-        "tokens_per_s": n / total if total > 0 else None,
-        "decode_tokens_per_s": (n - 1) / result.decode_s if result.decode_s > 0 else None,
-        "target_forwards": result.target_forwards,
-        "target_forwards_per_token": result.target_forwards / n,
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "prefill_s_repeats": [r.prefill_s for r in results],
+        "decode_s_repeats": [r.decode_s for r in results],
+        "decode_spread": spread([r.decode_s for r in results]),
+        "tokens_per_s": n / (prefill + decode),
+        "decode_tokens_per_s": (n - 1) / decode if n > 1 else None,
+        "target_forwards": results[0].target_forwards,
+        "target_forwards_per_token": results[0].target_forwards / n,
+        "cpu_s": statistics.median(cpu_s) if cpu_s else None,
+        "cpu_s_repeats": cpu_s,
     }
+
+
+def _prompt_row(index: int, prompt: list[int], measured: dict[str, list], on_cpu: bool) -> dict[str, Any]:
+    """Everything measured on one prompt; losslessness judged on every repeat."""
+    base, fast = measured["base"], measured["fast"]
+    mismatches = [_first_mismatch(b.tokens, f.tokens) for b, f in zip(base, fast, strict=True)]
+    bad = [r for r, m in enumerate(mismatches) if m is not None]
+    b = _loop_stats(base, measured["base_cpu"] if on_cpu else None)
+    f = _loop_stats(fast, measured["fast_cpu"] if on_cpu else None)
+    decodes = b["new_tokens"] > 1 and f["new_tokens"] > 1  # an EOS first token leaves no decode to compare
+    return {
+        "prompt_index": index,
+        "prompt_tokens": len(prompt),
+        "lossless": not bad,
+        "mismatched_repeats": bad,
+        "first_mismatch": min((mismatches[r] for r in bad), default=None),
+        "baseline": b,
+        "dflash": f,
+        "accepted_lengths": fast[0].accepted_lengths,
+        "acceptance_mean": statistics.fmean(fast[0].accepted_lengths) if fast[0].accepted_lengths else None,
+        "acceptance_same_every_repeat": all(r.accepted_lengths == fast[0].accepted_lengths for r in fast),
+        "decode_speedup": b["decode_s"] / f["decode_s"] if decodes else None,
+        "end_to_end_speedup": (b["prefill_s"] + b["decode_s"]) / (f["prefill_s"] + f["decode_s"]),
+        "noisy": is_noisy([b["decode_spread"], f["decode_spread"]]),
+        "schedule": measured["schedule"],
+    }
+
+
+def cost_context_len(prompt_lengths: list[int], max_new_tokens: int, block_size: int,
+                     max_positions: int | None) -> int:
+    """Where the per-step costs are timed: the middle of the decode (mean prompt + N/2), within the positions.
+
+    Attention cost grows with the context, so the mid-decode step is the average step of a run.
+    """
+    middle = round(statistics.fmean(prompt_lengths)) + max_new_tokens // 2
+    if max_positions is not None:
+        middle = min(middle, max_positions - block_size)
+    return max(middle, block_size + 1)
 
 
 def run_benchmark(
@@ -120,55 +251,84 @@ def run_benchmark(
     teacher_label: str,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run baseline and DFlash on every prompt; the report DESIGN.md asks for."""
+    """Run baseline and DFlash on every prompt, interleaved, ``repeats`` times; the report DESIGN.md asks for."""
     settings.validate()
     if not prompts:
         raise ValueError("no prompts to benchmark.")
+    max_positions = getattr(target_model.config, "max_position_embeddings", None)
+    check_positions([len(p) for p in prompts], settings.max_new_tokens, max_positions)
+    device = target_model.lm_head.weight.device
+    repeats = settings.repeats_for(device)
     draft = build_draft(settings, target_model, tokenizer)
-    baseline_runner = TargetRunner(target_model, [])
     num_layers = target_model.config.num_hidden_layers
     layer_ids = (draft.target_layer_ids if draft is not None
                  else target_layer_ids(num_layers, default_num_context_features(num_layers)))
-    spec_runner = TargetRunner(target_model, layer_ids)
+    baseline_runner = TargetRunner(target_model, [])  # no hooks: the baseline captures no features
     eos = settings.eos_token_id
 
-    def spec(prompt: list[int], reference: list[int]) -> DecodeResult:
+    # Each returns the loop's result and the process's CPU seconds of that call alone.
+    def base(prompt: list[int], max_new_tokens: int) -> tuple[DecodeResult, float]:
+        with _no_gc_pauses():
+            cpu0 = time.process_time()
+            result = greedy_decode(baseline_runner, prompt, max_new_tokens, eos)
+            return result, time.process_time() - cpu0
+
+    def spec(prompt: list[int], reference: list[int], max_new_tokens: int) -> tuple[DecodeResult, float]:
         drafter = OracleDrafter(prompt + reference) if draft is None else DFlashDrafter(draft, target_model)
-        return speculative_decode(spec_runner, drafter, prompt, settings.max_new_tokens, settings.block_size, eos)
+        runner = TargetRunner(target_model, layer_ids)  # feature hooks live only while DFlash runs
+        try:
+            with _no_gc_pauses():
+                cpu0 = time.process_time()
+                result = speculative_decode(runner, drafter, prompt, max_new_tokens, settings.block_size, eos)
+                return result, time.process_time() - cpu0
+        finally:
+            runner.close()
 
-    try:
-        if settings.warmup:  # first calls pay for allocation / kernel selection; keep them out of the figures
-            warm = greedy_decode(baseline_runner, prompts[0], min(8, settings.max_new_tokens), eos)
-            spec(prompts[0], warm.tokens)
-        rows = []
-        for index, prompt in enumerate(tqdm(prompts, desc="prompts", disable=not progress)):
-            base = greedy_decode(baseline_runner, prompt, settings.max_new_tokens, eos)
-            fast = spec(prompt, base.tokens)
-            mismatch = _first_mismatch(base.tokens, fast.tokens)
-            rows.append({
-                "prompt_index": index,
-                "prompt_tokens": len(prompt),
-                "lossless": mismatch is None,
-                "first_mismatch": mismatch,
-                "baseline": _loop_stats(base),
-                "dflash": _loop_stats(fast),
-                "accepted_lengths": fast.accepted_lengths,
-                "acceptance_mean": statistics.fmean(fast.accepted_lengths) if fast.accepted_lengths else None,
-                "speedup": (base.prefill_s + base.decode_s) / (fast.prefill_s + fast.decode_s),
-                "decode_speedup": base.decode_s / fast.decode_s if fast.decode_s > 0 else None,
-            })
-    finally:
-        baseline_runner.close()
-        spec_runner.close()
-    return _summarize(rows, settings, target_model, draft, teacher_label)
+    if settings.warmup:  # first calls pay for allocation / kernel selection; keep them out of the figures
+        warm, _ = base(prompts[0], min(8, settings.max_new_tokens))
+        spec(prompts[0], warm.tokens, min(8, settings.max_new_tokens))
+    results: list[dict[str, list]] = [{key: [] for key in ("base", "fast", "base_cpu", "fast_cpu", "schedule")}
+                                      for _ in prompts]
+    context = cost_context_len([len(p) for p in prompts], settings.max_new_tokens, settings.block_size, max_positions)
+    cost_samples: dict[str, list[float]] = {"one": [], "verify": [], "draft": []}
+    clock0 = time.perf_counter()
+    with tqdm(total=repeats * len(prompts), desc="prompts x repeats", disable=not progress) as bar:
+        for repeat in range(repeats):  # R passes; within a pass, baseline then DFlash on each prompt in turn
+            gc.collect()
+            for index, prompt in enumerate(prompts):
+                base_start = time.perf_counter() - clock0
+                b, b_cpu = base(prompt, settings.max_new_tokens)
+                fast_start = time.perf_counter() - clock0
+                f, f_cpu = spec(prompt, b.tokens, settings.max_new_tokens)
+                for key, value in (("base", b), ("fast", f), ("base_cpu", b_cpu), ("fast_cpu", f_cpu)):
+                    results[index][key].append(value)
+                results[index]["schedule"].append(
+                    {"repeat": repeat, "baseline_start_s": base_start, "dflash_start_s": fast_start})
+                bar.update()
+            # The step costs, sampled after every pass: they see the machine as the loops did.
+            with _no_gc_pauses():
+                for key, values in measure_cost_samples(target_model, draft, context, COST_ROUNDS_PER_PASS,
+                                                        block_size=settings.block_size, layer_ids=layer_ids).items():
+                    cost_samples[key] += values
+    rows = [_prompt_row(i, prompts[i], r, device.type == "cpu") for i, r in enumerate(results)]
+    costs = summarize_costs(cost_samples, context_len=context, block_size=settings.block_size,
+                            drafter="oracle" if draft is None else "dflash")
+    return _summarize(rows, settings, repeats, costs, target_model, draft, teacher_label)
 
 
-def _summarize(rows, settings, target_model, draft, teacher_label) -> dict[str, Any]:
+def _summarize(rows, settings, repeats, costs, target_model, draft, teacher_label) -> dict[str, Any]:
     accepted = [n for row in rows for n in row["accepted_lengths"]]
-    base_time = sum(r["baseline"]["prefill_s"] + r["baseline"]["decode_s"] for r in rows)
-    fast_time = sum(r["dflash"]["prefill_s"] + r["dflash"]["decode_s"] for r in rows)
+    base_decode = sum(r["baseline"]["decode_s"] for r in rows)
+    fast_decode = sum(r["dflash"]["decode_s"] for r in rows)
+    base_time = base_decode + sum(r["baseline"]["prefill_s"] for r in rows)
+    fast_time = fast_decode + sum(r["dflash"]["prefill_s"] for r in rows)
     base_tokens = sum(r["baseline"]["new_tokens"] for r in rows)
     fast_tokens = sum(r["dflash"]["new_tokens"] for r in rows)
+    speedup = base_decode / fast_decode
+    ratios = [r["decode_speedup"] for r in rows if r["decode_speedup"] is not None]
+    spreads = [r[loop]["decode_spread"] for r in rows for loop in ("baseline", "dflash")]
+    tau = statistics.fmean(accepted) if accepted else None
+    allowed = modelled_speedup(costs, tau) if tau is not None else None
     device = target_model.lm_head.weight.device
     return {
         "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -181,23 +341,51 @@ def _summarize(rows, settings, target_model, draft, teacher_label) -> dict[str, 
             "max_new_tokens": settings.max_new_tokens,
             "block_size": settings.block_size,
             "num_prompts": len(rows),
+            "repeats": repeats,
+            "schedule": f"interleaved: {repeats} passes of (for each prompt: baseline, then dflash), each pass "
+                        f"followed by {COST_ROUNDS_PER_PASS} rounds of the step costs",
+            "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "max_position_embeddings": getattr(target_model.config, "max_position_embeddings", None),
             "target_layer_ids": draft.target_layer_ids if draft is not None else None,
             "draft_layers": draft.config.num_hidden_layers if draft is not None else None,
             "eos_token_id": settings.eos_token_id,
             "seed": settings.seed,
             "torch": torch.__version__,
         },
+        "speedup": speedup,
+        "speedup_definition": "total decode time baseline / dflash: sums over prompts of each loop's median of "
+                              "the repeats (prefill excluded)",
+        "speedup_per_prompt": ratio_summary(ratios) if ratios else None,
+        "noisy": is_noisy(spreads),
+        "noise": {
+            "threshold": NOISE_THRESHOLD,
+            "spread_definition": SPREAD_DEFINITION,
+            "max_spread": max((s for s in spreads if s is not None), default=None),
+            "median_spread": (statistics.median([s for s in spreads if s is not None])
+                              if any(s is not None for s in spreads) else None),
+            "noisy_prompts": [r["prompt_index"] for r in rows if r["noisy"]],
+        },
+        "cpu_time": _cpu_time_summary(rows),
+        "step_costs": {
+            **costs,
+            "accepted_length_mean": tau,
+            "modelled_speedup": allowed,
+            "loop_efficiency": speedup / allowed if allowed else None,
+        },
         "lossless_all": all(r["lossless"] for r in rows),
         "lossless_prompts": sum(r["lossless"] for r in rows),
         "mismatched_prompts": [r["prompt_index"] for r in rows if not r["lossless"]],
+        "acceptance_same_every_repeat": all(r["acceptance_same_every_repeat"] for r in rows),
         "baseline_tokens_per_s": base_tokens / base_time,
         "dflash_tokens_per_s": fast_tokens / fast_time,
-        "speedup_mean": statistics.fmean(r["speedup"] for r in rows),
+        "baseline_decode_s_total": base_decode,
+        "dflash_decode_s_total": fast_decode,
+        "speedup_mean": statistics.fmean(r["end_to_end_speedup"] for r in rows),
         "speedup_total": base_time / fast_time,
         "acceptance_hist": {str(k): v for k, v in sorted(Counter(accepted).items())},
-        "acceptance_mean": statistics.fmean(accepted) if accepted else None,
+        "acceptance_mean": tau,
         "acceptance_median": statistics.median(accepted) if accepted else None,
-        "acceptance_p90": _percentile(accepted, 0.9),
+        "acceptance_p90": percentile(accepted, 0.9),
         "prefill_s_mean": statistics.fmean(r["dflash"]["prefill_s"] for r in rows),
         "baseline_target_forwards_per_token": sum(r["baseline"]["target_forwards"] for r in rows) / base_tokens,
         "target_forwards_per_token": sum(r["dflash"]["target_forwards"] for r in rows) / fast_tokens,
@@ -205,33 +393,100 @@ def _summarize(rows, settings, target_model, draft, teacher_label) -> dict[str, 
     }
 
 
+def _cpu_time_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """CPU runs: how much of the wall time this process had a core, and the loops' ratio in CPU time.
+
+    A busy machine stretches wall time by descheduling the process; CPU time does not
+    see that. A share well below 1 says the noise was other jobs taking the core.
+    """
+    if rows[0]["baseline"]["cpu_s"] is None:
+        return None
+    loops = ("baseline", "dflash")
+    cpu = sum(sum(r[loop]["cpu_s_repeats"]) for r in rows for loop in loops)
+    wall = sum(p + d for r in rows for loop in loops
+               for p, d in zip(r[loop]["prefill_s_repeats"], r[loop]["decode_s_repeats"], strict=True))
+    return {
+        "share_of_wall_time": cpu / wall,
+        "speedup_end_to_end": sum(r["baseline"]["cpu_s"] for r in rows) / sum(r["dflash"]["cpu_s"] for r in rows),
+        "definition": "process CPU seconds of each loop call (prefill + decode); speedup from the per-prompt "
+                      "medians; share = CPU seconds / wall seconds over every timed call",
+    }
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The one-line figure: total-decode speedup with the per-prompt median and IQR beside it."""
+    per = report["speedup_per_prompt"]
+    spread_text = f"; per-prompt median {per['median']:.2f}x, IQR {per['q1']:.2f}-{per['q3']:.2f}x" if per else ""
+    return f"speedup {report['speedup']:.2f}x (total decode time{spread_text})"
+
+
+def _noise_line(report: dict[str, Any]) -> str:
+    noise, repeats = report["noise"], report["settings"]["repeats"]
+    if report["noisy"] is None:
+        return "noise: unknown (1 repeat per prompt; --repeats 3 measures it)"
+    limit = f"{noise['threshold']:.0%}"
+    if report["noisy"]:
+        return (f"NOISY: repeats of prompts {noise['noisy_prompts']} disagree by up to {noise['max_spread']:.1%} "
+                f"(limit {limit}, (max-min)/median of {repeats} repeats); the machine was busy, so these figures "
+                "may not hold: rerun on a quieter machine or with more --repeats")
+    return f"noise: ok, repeats agree within {noise['max_spread']:.1%} (limit {limit}; median of {repeats} repeats)"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A short human-readable table of a report."""
+    """A short human-readable table of a report, headline first."""
+    s, c = report["settings"], report["step_costs"]
+    efficiency = (f"accepted {c['accepted_length_mean']:.2f} allows {c['modelled_speedup']:.2f}x; loop efficiency "
+                  f"{c['loop_efficiency']:.2f}" if c["loop_efficiency"] is not None else "no verify steps")
     return [
+        ("NOISY " if report["noisy"] else "") + headline(report),
+        f"  decode time: baseline {report['baseline_decode_s_total']:.3f} s -> dflash "
+        f"{report['dflash_decode_s_total']:.3f} s over {s['num_prompts']} prompts, median of {s['repeats']} "
+        f"repeats each, interleaved; speedup_mean {report['speedup_mean']:.2f}x (old figure, end to end)",
+        _noise_line(report),
+        *([f"cpu time: this process ran {report['cpu_time']['share_of_wall_time']:.0%} of the timed wall time "
+           f"(the rest, other jobs had the core); end-to-end speedup in CPU time "
+           f"{report['cpu_time']['speedup_end_to_end']:.2f}x"] if report["cpu_time"] else []),
+        f"step costs at context {c['context_len']}: one-token step {c['target_forward_1_token_s'] * 1e3:.2f} ms, "
+        f"verify of {c['block_size']} {c['target_verify_block_s'] * 1e3:.2f} ms, draft {c['drafter']} "
+        f"{c['draft_propose_s'] * 1e3:.2f} ms; {efficiency}",
         f"teacher: {report['teacher']}   draft: {report['draft']}   device: {report['device']} ({report['dtype']})",
-        f"prompts: {report['settings']['num_prompts']}   max_new_tokens: {report['settings']['max_new_tokens']}   "
-        f"block_size: {report['settings']['block_size']}",
-        f"lossless: {report['lossless_prompts']}/{report['settings']['num_prompts']} prompts token-identical",
+        f"prompts: {s['num_prompts']}   max_new_tokens: {s['max_new_tokens']}   block_size: {s['block_size']}   "
+        f"repeats: {s['repeats']}",
+        f"lossless: {report['lossless_prompts']}/{s['num_prompts']} prompts token-identical on every repeat",
         f"accepted length: mean {report['acceptance_mean']:.2f}  median {report['acceptance_median']}  "
         f"p90 {report['acceptance_p90']:.1f}   hist {report['acceptance_hist']}",
         f"target forwards per token: dflash {report['target_forwards_per_token']:.3f}  "
         f"baseline {report['baseline_target_forwards_per_token']:.3f}",
-        f"tokens/s: baseline {report['baseline_tokens_per_s']:.1f}  dflash {report['dflash_tokens_per_s']:.1f}   "
-        f"speedup_mean {report['speedup_mean']:.3f}x",
+        f"tokens/s (prefill + decode): baseline {report['baseline_tokens_per_s']:.1f}  "
+        f"dflash {report['dflash_tokens_per_s']:.1f}",
     ]
 
 
+REPORT_FILES = ("{stem}.json", "{stem}_acceptance.png")
+
+
+def prepare_outputs(out_dir: str | Path, stem: str | None = None) -> tuple[Path, str]:
+    """Check, before any model work, that the report can be written: (out folder, file stem).
+
+    The default stem ``bench_<UTC>`` takes the start time of the run.
+    """
+    out = check_output_dir(out_dir, "--out-dir", create=True)
+    stem = check_file_stem(stem, "--report-name") if stem is not None else (
+        "bench_" + datetime.now(UTC).strftime("%Y%m%d_%H%M%S"))
+    check_output_files([out / name.format(stem=stem) for name in REPORT_FILES], "--out-dir/--report-name")
+    return out, stem
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path, *, stem: str | None = None) -> tuple[Path, Path]:
-    """``bench_<UTC timestamp>.json`` and a PNG histogram of accepted lengths beside it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = stem or "bench_" + datetime.now(UTC).strftime("%Y%m%d_%H%M%S")
-    json_path = out / f"{stem}.json"
-    tmp = json_path.with_suffix(".json.tmp")
+    """``<stem>.json`` and a PNG histogram of accepted lengths beside it, each written whole or not at all."""
+    out, stem = prepare_outputs(out_dir, stem)
+    json_path, png_path = (out / name.format(stem=stem) for name in REPORT_FILES)
+    tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(json_path)
-    png_path = out / f"{stem}_acceptance.png"
-    plot_acceptance(report, png_path)
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    plot_acceptance(report, tmp)
+    tmp.replace(png_path)
     return json_path, png_path
 
 
@@ -250,10 +505,10 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("tokens accepted per target forward (accepted length)")
     ax.set_ylabel("verify steps")
     ax.set_title(f"{report['teacher']}\ndraft: {Path(str(report['draft'])).name} | {report['device']} "
-                 f"({report['dtype']}) | mean {report['acceptance_mean']:.2f}, "
-                 f"speedup_mean {report['speedup_mean']:.2f}x", fontsize=8)
+                 f"({report['dtype']}) | mean {report['acceptance_mean']:.2f}\n"
+                 f"{'NOISY ' if report['noisy'] else ''}{headline(report)}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -291,11 +546,17 @@ def benchmark_snapshot(
     stop_at_eos: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Load target, tokenizer and prompts, then ``run_benchmark``: what the CLI and Modal app call."""
-    from transformers import AutoTokenizer
+    """Check everything that can be checked, load target, tokenizer and prompts, then ``run_benchmark``.
+
+    What the CLI and the Modal app call. The settings, the draft folder, the prompts and
+    their positions are checked before the target's weights load, so bad input costs
+    seconds, not a model load. On CPU, torch runs with ``settings.cpu_threads`` threads
+    for the run (restored after).
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     from dflash_gptoss.prompts import default_chat_prompts, load_prompts_file
-    from dflash_gptoss.target import load_target, resolve_device, resolve_dtype
+    from dflash_gptoss.target import check_gpt_oss_snapshot, load_target, resolve_device, resolve_dtype
 
     settings.validate()
     if num_prompts <= 0:
@@ -305,7 +566,7 @@ def benchmark_snapshot(
         dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
     torch_dtype = resolve_dtype(dtype)
     path, label = resolve_target_snapshot(target)
-    model = load_target(path, dtype=torch_dtype, device=torch_device)
+    config = AutoConfig.from_pretrained(check_gpt_oss_snapshot(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if stop_at_eos and settings.eos_token_id is None:
         settings.eos_token_id = tokenizer.eos_token_id
@@ -317,6 +578,15 @@ def benchmark_snapshot(
         from dflash_gptoss.corpus import heldout_prompts
 
         prompts = heldout_prompts(tokenizer, num_prompts, prompt_tokens, seed=settings.seed)
-    report = run_benchmark(model, tokenizer, prompts, settings, teacher_label=label, progress=progress)
+    check_positions([len(p) for p in prompts], settings.max_new_tokens,
+                    getattr(config, "max_position_embeddings", None))
+    threads = torch.get_num_threads()
+    if torch_device.type == "cpu" and settings.cpu_threads is not None:
+        torch.set_num_threads(settings.cpu_threads)
+    try:
+        model = load_target(path, dtype=torch_dtype, device=torch_device)
+        report = run_benchmark(model, tokenizer, prompts, settings, teacher_label=label, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     report["target"] = str(path)
     return report

@@ -5,11 +5,14 @@ checks the snapshot, the layer-id rule, the window length against the model and
 the data, the out-dir's state and the size against free space, all without
 importing jax; only then is the teacher loaded.
 
-Windows: the data (JSONL documents, or the tiny teacher's corpus) is one token
-stream with EOS after every document. Window ``i`` starts at offset ``o_i`` drawn
+Windows (``cache_data``): the data (JSONL documents, or the tiny teacher's corpus) is one
+token stream with EOS after every document. Window ``i`` starts at offset ``o_i`` drawn
 uniformly from ``[0, N - window_len]`` by ``np.random.default_rng(seed)``; windows
 may overlap and cross document boundaries (as in pretraining-style packing). The
 offsets are stored in ``window_offsets.npy`` so any row can be traced to its data.
+
+Nothing lost: one build per out-dir (``job_lock``), the arrays' disk space reserved before the
+teacher loads (``open_out_dir``), ``complete`` and then the manifest written last.
 
 Throughput: the teacher forward runs on the main thread; converting to bf16 and
 writing the memmaps happens on a writer thread, so the next forward is dispatched
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +39,13 @@ from typing import Any
 import numpy as np
 
 from dflash_gptoss.bf16 import to_bf16_bits
+from dflash_gptoss.cache_data import (
+    DEFAULT_DATA,
+    CacheBuildError,
+    blocks_allowed_starts,
+    load_token_stream,
+    window_offsets,
+)
 from dflash_gptoss.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -42,6 +53,7 @@ from dflash_gptoss.cache_format import (
     META_FILE,
     PROGRESS_FILE,
     ArraySpec,
+    CacheFormatError,
     all_array_files,
     allocated_bytes,
     array_specs,
@@ -52,23 +64,22 @@ from dflash_gptoss.cache_format import (
     open_memmaps,
     read_json,
     read_progress,
+    reserve_disk,
     settings_diff,
     settings_of,
     size_details,
-    trainable_blocks,
+    verify_cache_files,
     window_len,
     write_json_atomic,
     write_progress,
 )
 from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.integrity import MANIFEST_NAME
+from dflash_gptoss.job_lock import LOCK_NAME, DirLock, LockHeldError, acquire_for_job
 
 DTYPES = ("float32", "bfloat16")
-DEFAULT_DATA = "corpus:train"
-"""``data=None`` means the tiny teacher's training corpus (``corpus.token_stream(tok, "train")``)."""
 
 
-class CacheBuildError(ValueError):
-    """Bad input to the cache build, found before (or instead of) any teacher work."""
 
 
 @dataclass
@@ -95,6 +106,7 @@ class BuildPlan:
     start_window: int = 0
     already_complete: bool = False
     stale_files: list[Path] = field(default_factory=list)
+    lock: DirLock | None = None  # the out-dir's writer lock (process 0), held until the build ends
 
     @property
     def window_len(self) -> int:
@@ -182,116 +194,15 @@ def _check_model_positions(cfg: dict[str, Any], layout: str, ctx_len: int, block
         )
 
 
-# --------------------------------------------------------------------------- data
-def _eos_id(cfg: dict[str, Any], tokenizer: Any) -> int:
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = cfg.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-    if eos is None:
-        raise CacheBuildError(
-            "no EOS id to join documents: the snapshot has no tokenizer with an EOS token and config.json "
-            "has no eos_token_id."
-        )
-    return int(eos)
-
-
-def _load_tokenizer(snapshot_dir: Path) -> Any:
-    if not (snapshot_dir / "tokenizer.json").is_file():
-        raise CacheBuildError(
-            f"{snapshot_dir} has no tokenizer.json; text data (and the default corpus) needs the teacher's "
-            'tokenizer. Pass --data with {"input_ids": [...]} lines instead.'
-        )
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(snapshot_dir))
-
-
-def _read_jsonl_docs(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise CacheBuildError(f"--data {path} does not exist.")
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CacheBuildError(f"--data {path}:{lineno} is not valid JSON: {e}") from e
-            if not isinstance(doc, dict) or ("text" not in doc and "input_ids" not in doc):
-                raise CacheBuildError(f'--data {path}:{lineno} needs a "text" or an "input_ids" field.')
-            docs.append(doc)
-    if not docs:
-        raise CacheBuildError(f"--data {path} holds no documents.")
-    return docs
-
-
-def load_token_stream(
-    data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The data as one int32 token stream, every document followed by EOS, and its response flags.
-
-    ``response`` (uint8, same length) is 0 on a document's first ``prompt_len`` tokens (a JSONL
-    field; the teacher-generated data writes it) and 1 elsewhere, EOS included: prompts are
-    context, never anchors or labels. The default corpus is all response.
-    """
-    if data is None or str(data) == DEFAULT_DATA:
-        from dflash_gptoss import corpus
-
-        tokens = corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
-        response = np.ones(tokens.size, dtype=np.uint8)
-    else:
-        docs = _read_jsonl_docs(Path(data))
-        tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for d in docs) else None
-        eos = _eos_id(cfg, tokenizer)
-        pieces, flags = [], []
-        for lineno, doc in enumerate(docs, start=1):
-            ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
-            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-            prompt_len = doc.get("prompt_len", 0)
-            if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or not 0 <= prompt_len <= ids.size:
-                raise CacheBuildError(f"--data {data}: document {lineno} has prompt_len={prompt_len!r}; it must be "
-                                      f"an integer in [0, {ids.size}] (the document's token count).")
-            pieces += [ids, np.asarray([eos], dtype=np.int64)]
-            flag = np.ones(ids.size + 1, dtype=np.uint8)
-            flag[:prompt_len] = 0
-            flags.append(flag)
-        tokens, response = np.concatenate(pieces), np.concatenate(flags)
-    vocab = int(cfg["vocab_size"])
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        raise CacheBuildError(f"data token ids must lie in [0, {vocab}); found {tokens.min()}..{tokens.max()}.")
-    return np.ascontiguousarray(tokens, dtype=np.int32), response
-
-
-def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int,
-                   allowed: np.ndarray | None = None) -> np.ndarray:
-    """Seeded window starts, uniform over ``[0, num_tokens - window]`` (deterministic).
-
-    ``allowed`` (bool per start) restricts the draw when some starts may not be used (a
-    ``blocks`` window whose block would fall inside a prompt); all-True draws as without it.
-    """
-    rng = np.random.default_rng(seed)
-    if allowed is None or allowed.all():
-        return rng.integers(0, num_tokens - window + 1, size=num_windows, dtype=np.int64)
-    starts = np.flatnonzero(allowed).astype(np.int64)
-    if starts.size == 0:
-        raise CacheBuildError("no window of the data has its block in response text (every block would overlap "
-                              "a prompt); check the data's prompt_len fields, or use --layout windows.")
-    return starts[rng.integers(0, starts.size, size=num_windows)]
-
-
-def blocks_allowed_starts(response: np.ndarray, window: int, ctx_len: int, block_size: int) -> np.ndarray:
-    """``blocks`` layout: window starts whose block (anchor at window position ``ctx_len``) is trainable
-    by ``cache_format.trainable_blocks``, the rule the trainer applies to ``windows`` caches."""
-    return trainable_blocks(response, np.arange(response.size - window + 1) + ctx_len, block_size)
-
-
 # --------------------------------------------------------------------------- out dir
 def _known_files(out_dir: Path) -> list[Path]:
-    names = all_array_files() | {META_FILE, PROGRESS_FILE}
+    names = all_array_files() | {META_FILE, PROGRESS_FILE, MANIFEST_NAME}
     return [out_dir / n for n in sorted(names) if (out_dir / n).exists()]
+
+
+def _is_empty(out_dir: Path) -> bool:
+    """No file but (maybe) our own lock: a fresh out-dir."""
+    return not out_dir.exists() or all(p.name == LOCK_NAME for p in out_dir.iterdir())
 
 
 def _inspect_out_dir(
@@ -303,7 +214,7 @@ def _inspect_out_dir(
     nearest = out_dir if out_dir.exists() else next(p for p in out_dir.parents if p.exists())
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise CacheBuildError(f"--out-dir {out_dir}: {nearest} is not writable.")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if _is_empty(out_dir):
         return 0, False, []
     ours = _known_files(out_dir)
     if overwrite:
@@ -316,7 +227,7 @@ def _inspect_out_dir(
         )
     try:
         old = read_json(meta_path)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise CacheBuildError(f"{meta_path} is unreadable ({e}); pass --overwrite to rebuild.") from e
     diff = settings_diff(settings_of(old), settings_of(meta))
     if diff:
@@ -330,6 +241,10 @@ def _inspect_out_dir(
         )
     if old.get("complete"):
         if resume:
+            try:
+                verify_cache_files(out_dir, "size")
+            except CacheFormatError as e:
+                raise CacheBuildError(f"--out-dir {out_dir} is marked complete but is damaged: {e}") from e
             return int(meta["num_windows"]), True, []
         raise CacheBuildError(
             f"--out-dir {out_dir} already holds this cache, complete. Pass --overwrite to rebuild it."
@@ -371,6 +286,8 @@ def _build_meta(
         "layout": layout,
         "teacher": {
             "snapshot_dir": str(snapshot_dir),
+            "weights_fingerprint": _fingerprint(snapshot_dir),
+            "config": cfg,
             "model_type": cfg["model_type"],
             "hidden_size": int(cfg["hidden_size"]),
             "vocab_size": int(cfg["vocab_size"]),
@@ -399,22 +316,13 @@ def _build_meta(
     }
 
 
-def check_build_geometry(
-    model_snapshot_dir: str | os.PathLike,
-    *,
-    layout: str,
-    ctx_len: int,
-    block_size: int,
-    num_context_features: int,
-    num_blocks: int,
-    batch_size: int,
-    dp: int,
-    tp: int,
-    dtype: str,
-) -> tuple[dict[str, Any], list[int]]:
-    """The checks of :func:`plan_teacher_cache` that need neither data nor an out-dir: (config, layer ids).
+def check_build_geometry(model_snapshot_dir: str | os.PathLike, *, layout: str, ctx_len: int, block_size: int,
+                         num_context_features: int, num_blocks: int, batch_size: int, dp: int, tp: int,
+                         dtype: str) -> tuple[dict[str, Any], list[int]]:
+    """The checks of a build that need neither data nor an out-dir: (config, layer ids).
 
-    The TPU planner (``--plan-tpu``) validates a build with these before compiling its forward.
+    :func:`plan_teacher_cache` starts with them; the TPU planner (``--plan-tpu``) runs them alone
+    before compiling the teacher's forward.
     """
     _check_settings(layout=layout, ctx_len=ctx_len, block_size=block_size, num_blocks=num_blocks,
                     batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
@@ -422,6 +330,16 @@ def check_build_geometry(
     layer_ids = _layer_ids(cfg, num_context_features)
     _check_model_positions(cfg, layout, ctx_len, block_size)
     return cfg, layer_ids
+
+
+def _fingerprint(snapshot_dir: Path) -> str | None:
+    """The teacher's identity (``integrity.weights_fingerprint``); None for a config-only folder (a plan)."""
+    from dflash_gptoss.integrity import weights_fingerprint
+
+    try:
+        return weights_fingerprint(snapshot_dir) if any(snapshot_dir.glob("*.safetensors")) else None
+    except ValueError as e:
+        raise CacheBuildError(f"--model-snapshot-dir {snapshot_dir}: {e}") from e
 
 
 def plan_teacher_cache(
@@ -451,20 +369,10 @@ def plan_teacher_cache(
     """
     if resume and overwrite:
         raise CacheBuildError("--resume and --overwrite contradict each other; pass one.")
-    _check_settings(
-        layout=layout,
-        ctx_len=ctx_len,
-        block_size=block_size,
-        num_blocks=num_blocks,
-        batch_size=batch_size,
-        dp=dp,
-        tp=tp,
-        dtype=dtype,
-    )
     snapshot = Path(model_snapshot_dir).absolute()
-    cfg = read_teacher_config(snapshot)
-    layer_ids = _layer_ids(cfg, num_context_features)
-    _check_model_positions(cfg, layout, ctx_len, block_size)
+    cfg, layer_ids = check_build_geometry(snapshot, layout=layout, ctx_len=ctx_len, block_size=block_size,
+                                          num_context_features=num_context_features, num_blocks=num_blocks,
+                                          batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
     tokens, response = load_token_stream(data, snapshot, cfg)
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:
@@ -502,12 +410,25 @@ def plan_teacher_cache(
         dtype=dtype,
         nbytes=nbytes,
     )
-    start, complete, stale = _inspect_out_dir(out, meta, resume=resume, overwrite=overwrite)
-    reclaim = allocated_bytes(stale if overwrite else _known_files(out) if out.is_dir() else [])
-    if not complete:
-        check_free_space(
-            out, nbytes, layout=layout, reclaimable=reclaim, free_bytes=free_bytes, details=size_details(layout, **dims)
-        )
+    if out.exists() and not out.is_dir():
+        raise CacheBuildError(f"--out-dir {out} exists and is not a directory.")
+    existed = out.exists()
+    try:
+        lock = acquire_for_job(out, "teacher cache build")  # one writer per out-dir, before reading its state
+    except (LockHeldError, OSError) as e:
+        raise CacheBuildError(f"--out-dir {out}: {e}") from e
+    try:
+        start, complete, stale = _inspect_out_dir(out, meta, resume=resume, overwrite=overwrite)
+        reclaim = allocated_bytes(stale if overwrite else _known_files(out) if out.is_dir() else [])
+        if not complete:
+            check_free_space(out, nbytes, layout=layout, reclaimable=reclaim, free_bytes=free_bytes,
+                             details=size_details(layout, **dims))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if not existed and _is_empty(out):
+            shutil.rmtree(out, ignore_errors=True)  # only our lock file: leave no trace of a refused build
+        raise
     return BuildPlan(
         out_dir=out,
         snapshot_dir=snapshot,
@@ -531,6 +452,7 @@ def plan_teacher_cache(
         start_window=start,
         already_complete=complete,
         stale_files=stale,
+        lock=lock,
     )
 
 
@@ -674,14 +596,17 @@ class _Writer:
 
 
 def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
-    """Fresh build: delete stale files, write meta (complete: false), preallocate. Resume: reopen."""
+    """Fresh build: delete stale files, create the arrays with their disk space reserved, then write meta
+    (complete: false). Resume: reopen, and reserve whatever space the arrays still lack."""
     if plan.start_window > 0:
-        return open_memmaps(plan.out_dir, plan.specs, mode="r+")
+        arrays = open_memmaps(plan.out_dir, plan.specs, mode="r+")
+        reserve_disk([plan.out_dir / s.file for s in plan.specs.values()])
+        return arrays
     for f in plan.stale_files:
         f.unlink()
     plan.out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = create_memmaps(plan.out_dir, plan.specs)  # InsufficientSpaceError before any teacher work
     write_json_atomic(plan.out_dir / META_FILE, plan.meta)
-    arrays = create_memmaps(plan.out_dir, plan.specs)
     arrays["window_offsets"][:] = plan.offsets
     _flush(arrays)
     write_progress(plan.out_dir, 0, plan.num_windows)
@@ -761,25 +686,41 @@ def _checkpoint_shared(plan: BuildPlan, writer: _Writer, end: int) -> None:
         write_progress(plan.out_dir, end, plan.num_windows)
 
 
-def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildResult:
+def open_out_dir(plan: BuildPlan) -> dict[str, Any] | None:
+    """Create (or reopen) the cache's arrays with their disk space reserved: call BEFORE loading the
+    teacher, so a disk that cannot hold the cache is refused before any expensive work. None when the
+    cache is already complete. Past one process every process calls it (process 0 creates the files)."""
+    from dflash_gptoss.distributed import is_multiprocess
+
+    multi = is_multiprocess()
+    if multi:
+        _agree_across_processes(plan)
+    if plan.already_complete:
+        return None
+    return _prepare_shared(plan) if multi else prepare_out_dir(plan)
+
+
+def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
+             arrays: dict[str, Any] | None = None) -> BuildResult:
     """Run the teacher over the remaining chunks and write them; mark the cache complete last.
 
-    Past one process (JAX multi-controller, :mod:`dflash_gptoss.distributed`) every process runs
-    this with the same plan: the forward runs on the global mesh, each process feeds and writes
-    only its own rows of every chunk into the shared out-dir, and process 0 alone creates the
-    files, checkpoints progress (after a barrier) and marks the cache complete.
+    ``arrays`` are :func:`open_out_dir`'s (opened here when not given). Past one process (JAX
+    multi-controller, :mod:`dflash_gptoss.distributed`) every process runs this with the same plan:
+    the forward runs on the global mesh, each process feeds and writes only its own rows of every
+    chunk into the shared out-dir, and process 0 alone creates the files, checkpoints progress
+    (after a barrier) and marks the cache complete.
     """
     from tqdm.auto import tqdm
 
     from dflash_gptoss.distributed import is_main_process, is_multiprocess, sync
 
     multi = is_multiprocess()
-    if multi:
-        _agree_across_processes(plan)
+    if arrays is None:
+        arrays = open_out_dir(plan)
     if plan.already_complete:
+        _release(plan)
         return BuildResult(plan.out_dir, 0, 0, 0.0, read_json(plan.out_dir / META_FILE))
     _check_teacher(plan, teacher)
-    arrays = _prepare_shared(plan) if multi else prepare_out_dir(plan)
     unit = "block" if plan.layout == "blocks" else "window"
     bar = tqdm(
         total=plan.num_windows,
@@ -830,7 +771,14 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True) -> BuildRe
         meta = meta or read_json(plan.out_dir / META_FILE)
     else:
         meta = mark_complete(plan.out_dir, plan.meta)
+    _release(plan)
     return BuildResult(plan.out_dir, done[0], done[0] * plan.window_len, seconds, meta)
+
+
+def _release(plan: BuildPlan) -> None:
+    if plan.lock is not None:
+        plan.lock.release()
+        plan.lock = None
 
 
 def build_teacher_cache(
@@ -848,6 +796,7 @@ def build_teacher_cache(
     compiled forward across builds.
     """
     plan = plan_teacher_cache(model_snapshot_dir, out_dir, **settings)
+    arrays = open_out_dir(plan)
     if plan.already_complete:
-        return run_plan(plan, None, progress=progress)
-    return run_plan(plan, teacher if teacher is not None else load_teacher(plan), progress=progress)
+        return run_plan(plan, None, progress=progress, arrays=arrays)
+    return run_plan(plan, teacher if teacher is not None else load_teacher(plan), progress=progress, arrays=arrays)

@@ -6,8 +6,13 @@ Everything that both the builder (``cache_builder``) and the reader
 * the format name and version (``FORMAT_NAME``, ``FORMAT_VERSION``);
 * the two layouts and, for each, the arrays it holds (file name, dtype, shape, meaning);
 * the size formula (``cache_nbytes``) and the free-space refusal (``check_free_space``);
-* crash safety: atomic JSON writes (tmp + fsync + ``os.replace``), preallocated
-  ``.npy`` memmaps, a progress checkpoint, and ``complete: true`` written last.
+* crash safety: atomic JSON writes (tmp + fsync + ``os.replace``), ``.npy`` memmaps whose disk
+  blocks are RESERVED before the teacher runs (``posix_fallocate``: a sparse memmap that meets a full
+  disk dies of SIGBUS with no message), a progress checkpoint, ``complete: true``, and last of all
+  the manifest (``integrity``: every file's size and sha256);
+* the reader's checks: meta.json parses (its file and line named when not), its array table agrees
+  with its own settings (``ctx_len``, ``num_windows``, ...), every array file has that dtype and shape
+  and its full size on disk.
 
 Layouts
 -------
@@ -27,7 +32,9 @@ are context only, never anchors or labels (DESIGN.md: on chat data only the assi
 tokens are anchors/labels). In ``blocks`` the builder only draws windows whose whole block
 (anchor and labels) is response.
 
-Version 2 added the ``response`` array; a version 1 cache must be rebuilt.
+Version 2 added the ``response`` array; version 3 the manifest and the teacher's identity (its config
+and a fingerprint of its weights, compared by the trainer with ``--teacher-snapshot-dir``). Older
+caches must be rebuilt.
 
 bf16 values are stored as uint16 bit patterns (``bf16.to_bf16_bits``) so
 ``np.load(mmap_mode="r")`` works without a bf16 numpy dtype.
@@ -35,6 +42,7 @@ bf16 values are stored as uint16 bit patterns (``bf16.to_bf16_bits``) so
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -45,7 +53,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "dflash-gptoss-teacher-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 LAYOUTS = ("blocks", "windows")
 
 META_FILE = "meta.json"
@@ -345,12 +353,44 @@ def settings_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> lis
     return out
 
 
+def reserve_disk(paths: list[Path]) -> None:
+    """Give every byte of these (sparse) files real disk blocks now, or fail naming the file.
+
+    ``open_memmap`` makes sparse files, so without this the space is taken page by page while the
+    teacher runs and a disk that fills meanwhile kills the build with SIGBUS ("Bus error", no message).
+    ``posix_fallocate`` either reserves every block or raises ENOSPC at once. Idempotent: on resume it
+    only fills the holes left.
+    """
+    for path in paths:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate there (some network filesystems)
+                continue
+            raise InsufficientSpaceError(
+                f"could not reserve {human_bytes(os.fstat(fd).st_size)} on disk for {path} ({e.strerror}; "
+                f"{human_bytes(free_bytes_at(path))} free there): the filesystem cannot hold the cache. Free space "
+                "or choose an --out-dir with more space.") from e
+        finally:
+            os.close(fd)
+
+
 def create_memmaps(out_dir: Path, specs: dict[str, ArraySpec]) -> dict[str, np.memmap]:
-    """Preallocate every array as a .npy memmap (sparse on most filesystems)."""
-    return {
-        name: np.lib.format.open_memmap(out_dir / s.file, mode="w+", dtype=np.dtype(s.dtype), shape=s.shape)
-        for name, s in specs.items()
-    }
+    """Create every array as a .npy memmap with its disk space reserved (:func:`reserve_disk`).
+
+    When the reservation fails, the files just created are removed again (nothing half-made is left).
+    """
+    arrays = {name: np.lib.format.open_memmap(out_dir / s.file, mode="w+", dtype=np.dtype(s.dtype), shape=s.shape)
+              for name, s in specs.items()}
+    try:
+        reserve_disk([out_dir / s.file for s in specs.values()])
+    except InsufficientSpaceError:
+        del arrays
+        for s in specs.values():
+            (out_dir / s.file).unlink(missing_ok=True)
+        raise
+    return arrays
 
 
 def open_memmaps(out_dir: Path, specs: dict[str, ArraySpec], mode: str = "r") -> dict[str, np.ndarray]:
@@ -360,7 +400,13 @@ def open_memmaps(out_dir: Path, specs: dict[str, ArraySpec], mode: str = "r") ->
         path = out_dir / s.file
         if not path.exists():
             raise CacheFormatError(f"{path} is missing; the cache is damaged (meta.json lists it).")
-        arr = np.load(path, mmap_mode=mode)
+        try:
+            arr = np.load(path, mmap_mode=mode)
+        except (ValueError, OSError, EOFError) as e:
+            size = path.stat().st_size
+            raise CacheFormatError(
+                f"{path} is damaged: {size} bytes on disk where {s.dtype} {tuple(s.shape)} needs {s.nbytes} bytes "
+                f"of data plus its header ({e}). Rebuild the cache (or copy that file again).") from e
         if arr.dtype != np.dtype(s.dtype) or tuple(arr.shape) != tuple(s.shape):
             raise CacheFormatError(
                 f"{path} holds {arr.dtype} {tuple(arr.shape)}, meta.json says {s.dtype} {tuple(s.shape)}."
@@ -385,11 +431,20 @@ def specs_from_meta(meta: dict[str, Any]) -> dict[str, ArraySpec]:
 
 
 def read_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a cache dir, checked for format name and version (not for completeness)."""
+    """meta.json of a cache dir, checked for format name and version, and its array table against its own
+    settings (not for completeness)."""
     path = Path(cache_dir) / META_FILE
     if not path.is_file():
         raise CacheFormatError(f"{cache_dir} is not a teacher cache: {META_FILE} not found.")
-    meta = read_json(path)
+    try:
+        meta = read_json(path)
+    except json.JSONDecodeError as e:
+        raise CacheFormatError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); the cache's description "
+                               "is damaged: rebuild the cache.") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CacheFormatError(f"{path} is unreadable ({e}); rebuild the cache.") from e
+    if not isinstance(meta, dict):
+        raise CacheFormatError(f"{path} holds a {type(meta).__name__}, not a JSON object; rebuild the cache.")
     if meta.get("format") != FORMAT_NAME:
         raise CacheFormatError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}.")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -397,7 +452,30 @@ def read_meta(cache_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}; "
             "rebuild the cache with this version of scripts/tpu_dflash_build_teacher_cache.py."
         )
+    check_meta_consistent(meta, path)
     return meta
+
+
+def check_meta_consistent(meta: dict[str, Any], path: str | os.PathLike = META_FILE) -> None:
+    """meta.json's array table must be exactly what its settings imply (an edited ``ctx_len`` or
+    ``num_windows`` would otherwise surface as a broadcast error deep inside training)."""
+    try:
+        want = array_specs(meta["layout"], num_windows=int(meta["num_windows"]), ctx_len=int(meta["ctx_len"]),
+                           block_size=int(meta["block_size"]),
+                           num_context_features=int(meta["num_context_features"]),
+                           hidden_size=int(meta["teacher"]["hidden_size"]))
+        have = specs_from_meta(meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheFormatError(f"{path}: a required entry is missing or malformed ({e!r}); rebuild the cache.") from e
+    problems = [f"{name}: {have[name].dtype} {have[name].shape} in 'arrays', settings imply {s.dtype} {s.shape}"
+                for name, s in want.items()
+                if name in have and (have[name].dtype, have[name].shape) != (s.dtype, s.shape)]
+    missing = sorted(set(want) - set(have))
+    if missing or problems:
+        raise CacheFormatError(
+            f"{path} contradicts itself (settings ctx_len={meta['ctx_len']}, num_windows={meta['num_windows']}, "
+            f"block_size={meta['block_size']}): " + "; ".join(problems + [f"{m} missing" for m in missing])
+            + ". It was edited or is damaged: rebuild the cache.")
 
 
 def read_progress(cache_dir: str | os.PathLike) -> int:
@@ -414,7 +492,20 @@ def write_progress(cache_dir: str | os.PathLike, windows_done: int, num_windows:
 
 
 def mark_complete(cache_dir: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
-    """The last write of a build: meta.json with ``complete: true`` (atomic)."""
+    """The last writes of a build: meta.json with ``complete: true``, then the manifest (both atomic)."""
+    from dflash_gptoss.integrity import write_manifest
+
     done = dict(meta, complete=True)
     write_json_atomic(Path(cache_dir) / META_FILE, done)
+    write_manifest(cache_dir, kind="teacher-cache")
     return done
+
+
+def verify_cache_files(cache_dir: str | os.PathLike, check: str = "size", *, progress: bool = False) -> None:
+    """A complete cache against its manifest (``integrity.verify_manifest``), as a CacheFormatError."""
+    from dflash_gptoss.integrity import IntegrityError, verify_manifest
+
+    try:
+        verify_manifest(cache_dir, what="teacher cache", check=check, progress=progress)
+    except IntegrityError as e:
+        raise CacheFormatError(f"{e} Rebuild it with --overwrite (or copy it again).") from e

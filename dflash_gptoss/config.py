@@ -1,10 +1,12 @@
 """Facts shared by every part of the project, each defined once.
 
 * ``target_layer_ids``: which target layers feed the draft's context.
-* ``DFlashDraftConfig``: the draft's configuration, saved as ``config.json`` in
-  the layout of published DFlash drafts (a Qwen3-style config with a
-  ``dflash_config`` section and ``block_size`` / ``num_target_layers`` at the top
-  level), so serving engines that load DFlash drafts read it unchanged.
+* :func:`make_draft_config`: the ONE place a draft config is made from a target. It returns a
+  :class:`~dflash_gptoss.configuration_gptoss_dflash.DFlashDraftConfig` (a ``Qwen3Config`` with
+  a ``dflash_config`` section and ``block_size`` / ``num_target_layers`` at the top level, saved
+  in the layout of published DFlash drafts), so serving engines that load DFlash drafts read it
+  unchanged. How that class is written, and the accessors of its DFlash fields, live in that
+  self-contained module because it is copied into every exported draft folder.
 * ``GPT_OSS_MASK_TOKEN_ID``: the reserved gpt-oss token the published draft uses
   as MASK.
 
@@ -66,10 +68,10 @@ def default_num_context_features(num_target_layers: int) -> int:
     return min(5, int(num_target_layers) - 3)
 
 
-def _qwen3_config_class() -> type:
-    from transformers import Qwen3Config
+def _draft_config_class() -> type:
+    from dflash_gptoss.configuration_gptoss_dflash import DFlashDraftConfig
 
-    return Qwen3Config
+    return DFlashDraftConfig
 
 
 def make_draft_config(
@@ -105,7 +107,7 @@ def make_draft_config(
     head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // heads
     rope = dict(getattr(target_config, "rope_parameters", None) or {"rope_type": "default"})
     rope.setdefault("rope_theta", getattr(target_config, "rope_theta", 10000.0))
-    return _qwen3_config_class()(
+    return _draft_config_class()(
         architectures=["DFlashDraftModel"],
         vocab_size=vocab,
         hidden_size=int(target_config.hidden_size),
@@ -127,14 +129,3 @@ def make_draft_config(
         dflash_config={"mask_token_id": int(mask_token_id), "target_layer_ids": layer_ids},
     )
 
-
-def draft_block_size(config: Any) -> int:
-    return int(config.block_size)
-
-
-def draft_mask_token_id(config: Any) -> int:
-    return int(config.dflash_config["mask_token_id"])
-
-
-def draft_target_layer_ids(config: Any) -> list[int]:
-    return [int(i) for i in config.dflash_config["target_layer_ids"]]

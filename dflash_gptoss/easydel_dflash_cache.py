@@ -24,11 +24,27 @@ from dflash_gptoss.cache_format import (
     read_meta,
     specs_from_meta,
     trainable_blocks,
+    verify_cache_files,
 )
 
 
 class CacheMismatchError(ValueError):
     """The cache was built for other teacher/trainer settings than the caller's."""
+
+
+def resolve_check(cache_dir: Path, verify: str) -> str:
+    """``verify`` "auto" -> "full" for a cache up to ``integrity.AUTO_FULL_BYTES``, else "size"."""
+    from dflash_gptoss.integrity import AUTO_FULL_BYTES, CHECKS, IntegrityError, read_manifest
+
+    if verify != "auto":
+        if verify not in CHECKS:
+            raise ValueError(f"verify must be 'auto' or one of {CHECKS}, got {verify!r}.")
+        return verify
+    try:
+        total = int(read_manifest(cache_dir, what="teacher cache").get("total_bytes", 0))
+    except IntegrityError as e:
+        raise CacheFormatError(f"{e} Rebuild it with --overwrite.") from e
+    return "full" if total <= AUTO_FULL_BYTES else "size"
 
 
 def _process_index_count(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -90,6 +106,10 @@ class DFlashCacheDataset:
 
     ``bf16_as_bits=False`` restores bf16 arrays to float32 (exact); ``True`` returns the
     raw uint16 bit patterns (half the host->device bytes; convert on device).
+
+    ``verify`` is how deeply the files are compared with the cache's manifest before any row is read
+    (``integrity``): "size" (every file present at its size: instant), "full" (every byte re-hashed),
+    "auto" ("full" up to ``integrity.AUTO_FULL_BYTES``, else "size" and a note naming the full check).
     """
 
     def __init__(
@@ -100,6 +120,7 @@ class DFlashCacheDataset:
         bf16_as_bits: bool = False,
         process_index: int | None = None,
         process_count: int | None = None,
+        verify: str = "size",
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.meta = read_meta(self.cache_dir)
@@ -108,6 +129,8 @@ class DFlashCacheDataset:
                 f"{self.cache_dir} holds an INCOMPLETE cache (its build was interrupted or is still running); "
                 "finish it with scripts/tpu_dflash_build_teacher_cache.py --resume (same flags) before training."
             )
+        self.verified = resolve_check(self.cache_dir, verify)
+        verify_cache_files(self.cache_dir, self.verified)
         self.specs = specs_from_meta(self.meta)
         self.arrays = open_memmaps(self.cache_dir, self.specs, mode="r")
         self.layout: str = self.meta["layout"]
@@ -175,6 +198,27 @@ class DFlashCacheDataset:
         return self.num_items // int(global_batch_size)
 
     # --- settings check ---------------------------------------------------------
+    def check_teacher(self, snapshot_dir: str | os.PathLike) -> None:
+        """Refuse (``CacheMismatchError``) a snapshot other than the teacher that built this cache.
+
+        Compared by weights fingerprint (``integrity.weights_fingerprint``), not by path: the same
+        teacher may sit elsewhere on the training machine, and another teacher of the same shapes
+        would pass every shape check while its features mean something else.
+        """
+        from dflash_gptoss.integrity import weights_fingerprint
+
+        recorded = self.meta["teacher"].get("weights_fingerprint")
+        try:
+            given = weights_fingerprint(snapshot_dir)
+        except (OSError, ValueError) as e:
+            raise CacheMismatchError(f"--teacher-snapshot-dir {snapshot_dir}: {e}") from e
+        if recorded != given:
+            raise CacheMismatchError(
+                f"the cache {self.cache_dir} was built by another teacher: its meta.json records weights "
+                f"fingerprint {str(recorded)[:16]}... (snapshot {self.meta['teacher']['snapshot_dir']}), but "
+                f"--teacher-snapshot-dir {snapshot_dir} has {given[:16]}... Train with the teacher that built "
+                "the cache, or rebuild the cache with this one.")
+
     def validate(
         self,
         *,

@@ -8,8 +8,9 @@ the context before its own anchor and the B slots of its own block (never anothe
 Why an ``EasyDeLBaseModule``: the easydel Trainer calls ``to_state``, ``mesh``, the partition
 rules, ``flops_per_token`` and ``save_pretrained`` on the model, so the draft is a small subclass
 with its own config class. That config is always built FROM the shared draft config
-(:func:`dflash_gptoss.config.make_draft_config`, a transformers ``Qwen3Config``), so there is one
-source of truth for sizes, RoPE, ``block_size`` and ``dflash_config``.
+(:func:`dflash_gptoss.config.make_draft_config`, a ``DFlashDraftConfig``: a transformers
+``Qwen3Config`` subclass), so there is one source of truth for sizes, RoPE, ``block_size`` and
+``dflash_config``. The JAX draft has no attention biases (``attention_bias`` stays false here).
 
 easydel 0.3.0 pitfall: ``EasyDeLBaseConfig.__init_subclass__`` replaces every subclass's
 ``get_partition_rules`` with a function returning ``None`` (then easydel falls back to the
@@ -34,11 +35,11 @@ from easydel.infra.factory import TaskType, register_config, register_module
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dflash_gptoss.config import draft_block_size, draft_mask_token_id, draft_target_layer_ids
+from dflash_gptoss.configuration_gptoss_dflash import draft_block_size, draft_mask_token_id, draft_target_layer_ids
 
 MODEL_TYPE = "dflash_draft"
 
-# Fields copied from the shared Qwen3Config into the easydel config (and back, see to_draft_config).
+# Fields copied from the shared DFlashDraftConfig into the easydel config (and back, see to_draft_config).
 _SHARED_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "attention_bias", "rms_norm_eps",
@@ -76,17 +77,21 @@ class DFlashDraftEdConfig(EasyDeLBaseConfig):
 
     @classmethod
     def from_draft_config(cls, draft_config: Any, *, dp: int = 1, tp: int = 1, **basics: Any) -> DFlashDraftEdConfig:
-        """From the shared ``Qwen3Config``; mesh ``dp`` x ``tp`` (easydel axes dp, fsdp, ep, tp, sp)."""
+        """From the shared ``DFlashDraftConfig``; mesh ``dp`` x ``tp`` (easydel axes dp, fsdp, ep, tp, sp)."""
+        if getattr(draft_config, "attention_bias", False):
+            raise ValueError("the JAX draft has no attention biases, but this draft config sets attention_bias=true "
+                             "(a published-layout draft?); train from a make_draft_config config, or evaluate this "
+                             "draft with the torch DFlashDraftModel.")
         values = draft_config.to_dict()
         cfg = cls(**{k: values[k] for k in _SHARED_FIELDS if k in values})
         cfg.add_basic_configurations(sharding_axis_dims=(dp, 1, 1, tp, 1), **basics)
         return cfg
 
     def to_draft_config(self) -> Any:
-        """The shared ``Qwen3Config`` again (what the torch draft and serving engines read)."""
-        from transformers import Qwen3Config
+        """The shared ``DFlashDraftConfig`` again (what the torch draft and serving engines read)."""
+        from dflash_gptoss.configuration_gptoss_dflash import DFlashDraftConfig
 
-        return Qwen3Config(**{k: getattr(self, k) for k in _SHARED_FIELDS if hasattr(self, k)})
+        return DFlashDraftConfig(**{k: getattr(self, k) for k in _SHARED_FIELDS if hasattr(self, k)})
 
 
 def _attach_partition_rules(cls: type) -> None:

@@ -42,11 +42,12 @@ on dp=8 x tp=1 equals dp=2 x tp=4).
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import math
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +57,23 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset, valid_anchor_range
+from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
+from dflash_gptoss.train_step import (
+    BATCH_SPEC,
+    FROZEN_TABLE_SPEC,
+    default_loss_decay_gamma,
+    dflash_batch_loss,
+    dflash_loss_and_metrics,
+    expected_accept_length,
+    make_train_step,
+    slot_weights,
+)
+from dflash_gptoss.training_data import anchors_per_row, host_batch, load_frozen_tables
 
 __all__ = [
     "DFlashTrainer",
     "DFlashTrainingSettings",
     "TrainerInputError",
-    "anchor_positions_for_step",
     "build_trainer",
     "dflash_batch_loss",
     "export_checkpoint",
@@ -70,13 +81,36 @@ __all__ = [
     "run_training",
     "dflash_loss_and_metrics",
     "expected_accept_length",
-    "load_frozen_tables",
     "slot_weights",
 ]
 
 
 class TrainerInputError(ValueError):
     """A setting the trainer cannot run with (the message names the value and the fix)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only); the message names the last good one."""
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or tensorstore's error text for one, anywhere in the exception's chain."""
+    while e is not None:
+        if isinstance(e, OSError) or any(t in str(e) for t in ("No space left", "Read-only file system",
+                                                                "Permission denied", "Disk quota")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_failure_reason(e: BaseException) -> str:
+    """The OSError's reason (``preflight.write_failure_reason``) or, for tensorstore's, its first line."""
+    from dflash_gptoss.preflight import write_failure_reason
+
+    first = e
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return write_failure_reason(e) if e is not None else str(first).splitlines()[0][:300]
 
 
 # ------------------------------------------------------------------------------- settings
@@ -107,312 +141,14 @@ class DFlashTrainingSettings:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     resume: bool = False
+    resume_if_possible: bool = False
     export_dir: str | None = None
     progress_bar: str = "tqdm"
-
-
-# ------------------------------------------------------------------------------- loss math
-def default_loss_decay_gamma(block_size: int) -> float:
-    """The published recipes' decay: gamma 4 for block 8, 7 for block 16 (and above)."""
-    return 4.0 if block_size <= 8 else 7.0
-
-
-def slot_weights(block_size: int, gamma: float) -> np.ndarray:
-    """Loss weight of slots 1..B-1: ``exp(-(k-1)/gamma)``; ``gamma == 0`` means uniform.
-
-    Earlier slots weigh more because acceptance stops at the first miss (DESIGN.md).
-    """
-    k = np.arange(1, block_size, dtype=np.float64)
-    if gamma < 0:
-        raise TrainerInputError(f"loss_decay_gamma={gamma} must be >= 0 (0 = uniform weights).")
-    w = np.ones_like(k) if gamma == 0 else np.exp(-(k - 1) / gamma)
-    return w.astype(np.float32)
-
-
-def expected_accept_length(slot_acc: jax.Array) -> jax.Array:
-    """``1 + sum_k prod_{j<=k} acc_j`` over slots k = 1..B-1.
-
-    ``acc_j`` is the top-1 accuracy of slot j; treating slots as independent, the
-    probability that the first k proposals are all accepted is the product, and the
-    target always adds one token (the correction or the bonus), hence the ``1 +``.
-    ``mean_accept_len`` (logged next to it) is the direct per-block figure without the
-    independence assumption: 1 + the length of each block's leading run of correct slots.
-    """
-    return 1.0 + jnp.sum(jnp.cumprod(slot_acc))
-
-
-def dflash_loss_and_metrics(
-    hidden: jax.Array,
-    target_ids: jax.Array,
-    lm_head: jax.Array,
-    weights: jax.Array,
-    anchor_weights: jax.Array,
-    *,
-    mesh: Any,
-    vocab_chunk_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted exact CE over slots 1..B-1 of ``hidden`` [b, nb, B, H] against ``target_ids[..., 1:]``.
-
-    Slot k's hidden state proposes the token AT position anchor+k (same-position prediction:
-    its label is column k of ``target_ids``, no shift). ``anchor_weights`` [b, nb] (1 = a real
-    block, 0 = a filler anchor of a window with too few response anchors) weigh the blocks in
-    every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy and
-    both acceptance-length figures.
-    """
-    from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy
-
-    b, nb, bs, h = hidden.shape
-    labels = target_ids[..., 1:].astype(jnp.int32)
-    nll, pred = chunked_sharded_cross_entropy(
-        hidden[:, :, 1:, :].reshape(-1, h), lm_head, labels.reshape(-1), mesh=mesh,
-        vocab_chunk_size=vocab_chunk_size, dp_axis="dp", tp_axis="tp",
-    )
-    nll = nll.reshape(b, nb, bs - 1)
-    correct = (pred.reshape(b, nb, bs - 1) == labels).astype(jnp.float32)
-    aw = anchor_weights.astype(jnp.float32)
-    blocks = jnp.maximum(jnp.sum(aw), 1.0)
-    slot_nll = jnp.sum(nll * aw[..., None], axis=(0, 1)) / blocks
-    slot_acc = jnp.sum(correct * aw[..., None], axis=(0, 1)) / blocks
-    loss = jnp.sum(weights * slot_nll) / jnp.sum(weights)
-    leading_run = jnp.sum(jnp.cumprod(correct, axis=-1), axis=-1)  # [b, nb]
-    metrics = {
-        "slot_acc": slot_acc,
-        "accuracy": jnp.mean(slot_acc),
-        "expected_accept_len": expected_accept_length(slot_acc),
-        "mean_accept_len": 1.0 + jnp.sum(leading_run * aw) / blocks,
-    }
-    return loss, metrics
-
-
-def _features_to_float(features: jax.Array) -> jax.Array:
-    """Cache features travel as bf16 bit patterns (half the host->device bytes); exact on device."""
-    if features.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(features, jnp.bfloat16).astype(jnp.float32)
-    return features.astype(jnp.float32)
-
-
-def _draft_hidden(module: Any, batch: dict[str, jax.Array], embed: jax.Array, mask_token_id: int) -> jax.Array:
-    """Run the draft on one (mini)batch: blocks ``[anchor, MASK*(B-1)]`` embedded with the frozen table."""
-    feats = _features_to_float(batch["context_features"])
-    target_ids, anchors = batch["target_ids"], batch["anchor_positions"]
-    b, c = feats.shape[:2]
-    bs = target_ids.shape[-1]
-    ctx_pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[None], (b, c))
-    tokens = jnp.concatenate(
-        [target_ids[..., :1], jnp.full((*target_ids.shape[:-1], bs - 1), mask_token_id, jnp.int32)], axis=-1)
-    block_emb = jnp.take(jax.lax.stop_gradient(embed), tokens, axis=0)
-    block_pos = anchors[..., None] + jnp.arange(bs, dtype=jnp.int32)
-    return module(feats, ctx_pos, block_emb, block_pos, anchors)
-
-
-def dflash_batch_loss(
-    module: Any,
-    batch: dict[str, jax.Array],
-    embed: jax.Array,
-    lm_head: jax.Array,
-    *,
-    mesh: Any,
-    mask_token_id: int,
-    weights: tuple[float, ...],
-    vocab_chunk_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The draft's loss and metrics on one (mini)batch: what a training step differentiates.
-
-    One function for the optimizer step and for everything that must measure the same thing
-    (the tests' gradient checks, held-out evaluation).
-    """
-    w = jnp.asarray(np.asarray(weights, dtype=np.float32))
-    hidden = _draft_hidden(module, batch, embed, mask_token_id)
-    return dflash_loss_and_metrics(hidden, batch["target_ids"], jax.lax.stop_gradient(lm_head), w,
-                                   batch["anchor_weights"], mesh=mesh, vocab_chunk_size=vocab_chunk_size)
-
-
-def dflash_training_step(
-    state: Any,
-    batch: dict[str, jax.Array],
-    embed: jax.Array,
-    lm_head: jax.Array,
-    *,
-    mesh: Any,
-    mask_token_id: int,
-    weights: tuple[float, ...],
-    vocab_chunk_size: int,
-    gradient_accumulation_steps: int,
-    scheduler: Any,
-) -> tuple[Any, Any]:
-    """One optimizer step (the function easydel's loop calls through ``configure_functions``).
-
-    Uses easydel's own ``minibatch_call`` (gradient accumulation) and
-    ``update_state_respectfully`` (optimizer update) so the state, step counter and
-    learning-rate schedule behave as in easydel's stock ``training_step``.
-    """
-    from easydel.infra.loss_utils import LossMetrics
-    from easydel.trainers.training_utils import (
-        make_assertions_and_get_sizes,
-        minibatch_call,
-        update_metrics,
-        update_state_respectfully,
-    )
-
-    _, minibatch_size, _ = make_assertions_and_get_sizes(
-        batch=batch, gradient_accumulation_steps=gradient_accumulation_steps, batch_partition_spec=P("dp"))
-
-    def loss_fn(tree: Any, minibatch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
-        loss, m = dflash_batch_loss(state.merge(tree), minibatch, embed, lm_head, mesh=mesh,
-                                    mask_token_id=mask_token_id, weights=weights, vocab_chunk_size=vocab_chunk_size)
-        other = {f"slot_acc/{k + 1}": m["slot_acc"][k] for k in range(m["slot_acc"].shape[0])}
-        other["expected_accept_len"] = m["expected_accept_len"]
-        other["mean_accept_len"] = m["mean_accept_len"]
-        return loss, LossMetrics(loss=loss, accuracy=m["accuracy"], other_metrics=other)
-
-    gradients, metrics = minibatch_call(state=state, batch=batch, minibatch_size=minibatch_size,
-                                        grad_fn=jax.value_and_grad(loss_fn, has_aux=True))
-    metrics = update_metrics(metrics=metrics, learning_rate_fn=scheduler, step=state.step, gradients=gradients)
-    metrics.grad_norms = None  # a per-parameter tree; the max/mean norms are kept
-    state = update_state_respectfully(state=state, gradients=gradients, loss_config=None, metrics=metrics)
-    return state, metrics
-
-
-FROZEN_TABLE_SPEC = P("tp", None)
-"""``embed_tokens`` / ``lm_head`` ``[V, H]``: vocab rows over tp (the chunked CE reads its shard)."""
-BATCH_SPEC = P("dp")
-"""Every batch array: rows over dp."""
-
-
-def make_train_step(mesh: Any, state_shardings: Any, *, mask_token_id: int, weights: tuple[float, ...],
-                    vocab_chunk_size: int, gradient_accumulation_steps: int, scheduler: Any) -> Any:
-    """:func:`dflash_training_step`, jitted with the trainer's shardings; the state is donated.
-
-    ``fn(state, batch, embed, lm_head) -> (state, metrics)``. One definition for the trainer
-    (:meth:`DFlashTrainer.configure_functions`) and the TPU planner (:mod:`dflash_gptoss.tpu_plan`),
-    so a plan compiles exactly the step a run executes.
-    """
-    table = NamedSharding(mesh, FROZEN_TABLE_SPEC)
-    step = partial(dflash_training_step, mesh=mesh, mask_token_id=mask_token_id, weights=weights,
-                   vocab_chunk_size=vocab_chunk_size, gradient_accumulation_steps=gradient_accumulation_steps,
-                   scheduler=scheduler)
-    return jax.jit(step, in_shardings=(state_shardings, NamedSharding(mesh, BATCH_SPEC), table, table),
-                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
-
-
-# ------------------------------------------------------------------------------- data
-def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window: int, rows: int,
-                              seed: int, step: int, *, allowed: np.ndarray | None = None, row_offset: int = 0,
-                              global_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Anchors ``[rows, A]`` and their weights for a ``windows`` batch, drawn afresh each step.
-
-    Valid anchors are ``n`` in ``[1, ctx_len - B + 1]`` (``valid_anchor_range``): ``n >= 1`` so a
-    block has at least one context position, and the last slot's label ``labels[n + B - 2]``
-    must lie inside the window. ``A = min(anchors_per_window, number of valid anchors)``, drawn
-    without replacement. ``allowed`` (bool ``[rows, hi-lo+1]``, from
-    ``easydel_dflash_cache.response_anchor_mask``) keeps anchors out of prompts: allowed ones
-    are drawn first, and a row with fewer than ``A`` fills up with weight-0 anchors.
-
-    Keys are drawn for the whole global batch of ``global_rows`` (default ``rows``) seeded by
-    ``(seed, step)`` and rows ``row_offset ..`` taken, so a resumed run and any number of
-    processes see the same anchors.
-    """
-    lo, hi = valid_anchor_range(ctx_len, block_size)
-    count = min(int(anchors_per_window), hi - lo + 1)
-    rng = np.random.default_rng([int(seed), int(step), 0xA7])
-    g = rows if global_rows is None else int(global_rows)
-    keys = rng.random((g, hi - lo + 1))[row_offset: row_offset + rows]
-    if allowed is not None:
-        keys = keys + 2.0 * ~allowed  # keys lie in [0, 1): every allowed anchor sorts before any other
-    picks = np.sort(np.argsort(keys, axis=1)[:, :count], axis=1)
-    weights = np.ones(picks.shape, np.float32) if allowed is None else np.take_along_axis(allowed, picks, 1)
-    return (picks + lo).astype(np.int32), weights.astype(np.float32)
-
-
-def anchors_per_row(layout: str, ctx_len: int, block_size: int, anchors_per_window: int) -> int:
-    """Blocks per cache row in a step: 1 in ``blocks``, else ``anchors_per_window`` capped by the valid anchors."""
-    if layout == "blocks":
-        return 1
-    lo, hi = valid_anchor_range(ctx_len, block_size)
-    return min(int(anchors_per_window), hi - lo + 1)
-
-
-def step_batch_shapes(rows: int, *, ctx_len: int, features_width: int, anchors: int,
-                      block_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """``{name: (shape, dtype)}`` of the global batch one step reads (what :func:`host_batch` builds).
-
-    ``rows`` = total_batch_size x gradient accumulation; ``features_width`` = K x H; ``anchors``
-    from :func:`anchors_per_row`. Features travel as bf16 bit patterns (uint16).
-    """
-    return {
-        "context_features": ((rows, ctx_len, features_width), np.uint16),
-        "target_ids": ((rows, anchors, block_size), np.int32),
-        "anchor_positions": ((rows, anchors), np.int32),
-        "anchor_weights": ((rows, anchors), np.float32),
-    }
-
-
-def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
-               seed: int, step: int, row_offset: int = 0, global_rows: int | None = None) -> dict[str, np.ndarray]:
-    """One host's numpy batch in the layout-independent form the step function reads.
-
-    ``rows`` are rows ``row_offset ..`` of a global batch of ``global_rows`` (default: ``len(rows)``,
-    one host): anchors are drawn for the whole global batch and sliced, so a batch is the same
-    however many processes feed it.
-
-    ``context_features`` [b, C, K*H] (bf16 bits), ``target_ids`` [b, nb, B] (column 0 the anchor
-    token, column k the teacher's token AT anchor+k), ``anchor_positions`` [b, nb]. ``blocks``:
-    nb = 1, anchor at position ``ctx_len`` (the window's features are positions 0..ctx_len-1).
-    """
-    from dflash_gptoss.easydel_dflash_cache import response_anchor_mask, window_block_target_ids
-
-    raw = ds.get_batch(rows)
-    ctx_len = int(ds.meta["ctx_len"])
-    if ds.layout == "blocks":
-        return {
-            "context_features": raw["context_features"],
-            "target_ids": raw["target_ids"][:, None, :].astype(np.int32),
-            "anchor_positions": np.full((len(rows), 1), ctx_len, dtype=np.int32),
-            "anchor_weights": np.ones((len(rows), 1), dtype=np.float32),  # the builder drew response blocks only
-        }
-    anchors, weights = anchor_positions_for_step(
-        ctx_len, block_size, anchors_per_window, len(rows), seed, step, row_offset=row_offset,
-        global_rows=global_rows, allowed=response_anchor_mask(raw["response"], block_size))
-    return {
-        "context_features": raw["features"],  # every position; block j sees only positions < its anchor
-        "target_ids": window_block_target_ids(raw["token_ids"], raw["labels"], anchors, block_size),
-        "anchor_positions": anchors,
-        "anchor_weights": weights,
-    }
-
-
-# ------------------------------------------------------------------------------- frozen tables
-def _safetensors_files(snapshot: Path) -> list[Path]:
-    index = snapshot / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [snapshot / n for n in names]
-    files = sorted(snapshot.glob("*.safetensors"))
-    if not files:
-        raise TrainerInputError(f"no *.safetensors in --teacher-snapshot-dir {snapshot}.")
-    return files
-
-
-def load_frozen_tables(snapshot_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(``embed_tokens`` [V, H], ``lm_head.weight`` [V, H]) as float32 numpy, from the teacher snapshot.
-
-    Read through torch's safetensors loader because numpy has no bf16 (the real gpt-oss
-    stores both in bf16; the conversion to float32 is exact).
-    """
-    from safetensors import safe_open
-
-    wanted = {"model.embed_tokens.weight": None, "lm_head.weight": None}
-    for path in _safetensors_files(Path(snapshot_dir)):
-        with safe_open(str(path), framework="pt") as f:
-            for name in wanted:
-                if wanted[name] is None and name in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                    wanted[name] = f.get_tensor(name).float().numpy()
-    if wanted["lm_head.weight"] is None and wanted["model.embed_tokens.weight"] is not None:
-        wanted["lm_head.weight"] = wanted["model.embed_tokens.weight"]  # tied embeddings
-    missing = [k for k, v in wanted.items() if v is None]
-    if missing:
-        raise TrainerInputError(f"teacher snapshot {snapshot_dir} lacks {missing}.")
-    return wanted["model.embed_tokens.weight"], wanted["lm_head.weight"]
+    verify_cache: str = "auto"  # "auto" | "size" | "full": how deeply the cache is checked against its manifest
+    eval_cache_dir: str | None = None  # held-out cache: evaluated every eval_steps (and at the first/last step)
+    eval_steps: int | None = None
+    keep_best: bool = False  # export the evaluation with the best held-out mean accepted length
+    export_check_blocks: int = 1024  # blocks the export check proposes with the exported torch draft
 
 
 # ------------------------------------------------------------------------------- the trainer
@@ -446,6 +182,33 @@ def _single_writer_checkpoint_files() -> None:
     fsspec_utils.should_write_shared_checkpoint_files = lambda path: jax.process_index() == 0
 
 
+@functools.cache
+def _logger() -> Any:
+    """easydel's logger for this module, made once (every ``get_logger`` call adds another handler)."""
+    from easydel.utils.helpers import get_logger
+
+    return get_logger(__name__)
+
+
+@contextlib.contextmanager
+def _resume_exactly(checkpoint: Path | None) -> Iterator[None]:
+    """Make easydel resume from ``checkpoint`` (our verified choice) and nothing else.
+
+    easydel 0.3.0 resumes from eformer's ``find_latest_checkpoint``, which takes the newest folder holding
+    a ``metadata.json`` by its timestamp: a half-written ``run-<step>`` or one the user moved aside as
+    damaged would be picked. The base ``__init__`` imports that function when it runs, so it is replaced
+    for the duration of the call.
+    """
+    from eformer.serialization import checkpointer
+
+    original = checkpointer.find_latest_checkpoint
+    checkpointer.find_latest_checkpoint = lambda base_path: None if checkpoint is None else str(checkpoint)
+    try:
+        yield
+    finally:
+        checkpointer.find_latest_checkpoint = original
+
+
 def _trainer_base() -> type:
     from easydel.trainers import Trainer
 
@@ -461,8 +224,15 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
 
     def __init__(self, arguments: Any, model: Any, *, dataset: DFlashCacheDataset, embed: np.ndarray,
                  lm_head: np.ndarray, block_size: int, mask_token_id: int, loss_decay_gamma: float,
-                 anchors_per_window: int, vocab_chunk_size: int, seed: int) -> None:
+                 anchors_per_window: int, vocab_chunk_size: int, seed: int, resume_from: Path | None = None,
+                 eval_set: Any = None, eval_cache: DFlashCacheDataset | None = None, eval_steps: int | None = None,
+                 keep_best: bool = False) -> None:
         self.cache = dataset
+        self.eval_set, self.eval_steps, self.keep_best = eval_set, eval_steps, bool(keep_best)
+        self.eval_cache = eval_cache
+        self.eval_history: list[dict[str, Any]] = []
+        self.best: tuple[int, Any] | None = None  # (step, a device copy of its parameters) under --keep-best
+        self._evaluators: dict[int, Any] = {}
         self.block_size = int(block_size)
         self.mask_token_id = int(mask_token_id)
         self.anchors_per_window = int(anchors_per_window)
@@ -474,10 +244,53 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, FROZEN_TABLE_SPEC))
         self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
         self.history: list[dict[str, float]] = []
-        super().__init__(arguments=arguments, model=model)
+        with _resume_exactly(resume_from):
+            super().__init__(arguments=arguments, model=model)
+        self.first_step = int(jax.device_get(self.model_state.step))
+
+    # --- held-out evaluation ----------------------------------------------------
+    def evaluator(self, eval_set: Any = None) -> Any:
+        """A :class:`HeldoutEvaluator` on this trainer's mesh and shardings (the run's eval set by default)."""
+        from dflash_gptoss.heldout_eval import HeldoutEvaluator
+
+        eval_set = self.eval_set if eval_set is None else eval_set
+        if id(eval_set) not in self._evaluators:
+            self._evaluators[id(eval_set)] = HeldoutEvaluator(
+                self.model_state, eval_set, embed=self.frozen_embed, lm_head=self.frozen_lm_head,
+                batch_sharding=self.batch_sharding, graph_shardings=self.state_shardings.graphstate,
+                table_sharding=NamedSharding(self.model.mesh, P("tp", None)),
+                loss_kwargs=dict(mesh=self.model.mesh, mask_token_id=self.mask_token_id, weights=self.loss_weights,
+                                 vocab_chunk_size=self.vocab_chunk_size))
+        return self._evaluators[id(eval_set)]
+
+    def _should_evaluate(self, step: int) -> bool:
+        """The first step of this run, every ``eval_steps``, and the last step."""
+        if self.eval_set is None:
+            return False
+        return (step == self.first_step + 1 or step == int(self.arguments.max_training_steps)
+                or (self.eval_steps is not None and step % self.eval_steps == 0))
+
+    def _evaluate(self, state: Any, step: int) -> None:
+        entry, _ = self.evaluator().evaluate(state.graphstate, step)
+        self.eval_history.append(entry)
+        if self.keep_best and (self.best is None or entry["eval_accept_len_mean"] > self._best_mean()):
+            self.best = (int(step), jax.tree.map(lambda x: x.copy(), state.graphstate))
+        _logger().info(
+            f"held-out eval at step {step}: loss {entry['eval_loss']:.4f}, accepted length per verify step mean "
+            f"{entry['eval_accept_len_mean']:.3f} / median {entry['eval_accept_len_median']:g} / p90 "
+            f"{entry['eval_accept_len_p90']:g} over {entry['eval_walk_steps']} steps (per position "
+            f"{entry['eval_accept_len_position_mean']:.3f} over {entry['eval_blocks']} blocks; "
+            f"{entry['eval_seconds']:.2f} s)"
+            + (f"; best so far: step {self.best[0]}" if self.best is not None else ""))
+
+    def _best_mean(self) -> float:
+        return next(e["eval_accept_len_mean"] for e in self.eval_history if e["step"] == self.best[0])
 
     def on_step_end(self, state: Any, metrics: Any, step: int) -> tuple[Any, Any]:
-        """Keep every step's loss and acceptance figures (tests and the run summary read them)."""
+        """Keep every step's loss and acceptance figures (tests and the run summary read them), and run the
+        held-out evaluation when it is due."""
+        if self._should_evaluate(int(step)):
+            self._evaluate(state, int(step))
         other = metrics.other_metrics or {}
         self.history.append({
             "step": int(step),
@@ -487,6 +300,37 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
             "mean_accept_len": float(other.get("mean_accept_len", float("nan"))),
         })
         return super().on_step_end(state=state, metrics=metrics, step=step)
+
+    def _save_checkpoint_for_step(self, state: Any, *, step: int, force: bool = False, **kwargs: Any) -> Any:
+        """easydel's save, then the checkpoint's manifest (written last: only a finished save has one).
+
+        A failed save (a full disk, above all) removes the half-written ``run-<step>`` and raises
+        :class:`CheckpointWriteError` naming the newest good checkpoint, which stays untouched.
+        """
+        from dflash_gptoss.checkpoints import CHECKPOINT_KIND, newest_good
+        from dflash_gptoss.distributed import is_main_process, sync
+        from dflash_gptoss.integrity import write_manifest
+
+        target = Path(self.arguments.save_directory) / self.arguments.model_name / f"run-{int(step)}"
+        try:
+            saved = super()._save_checkpoint_for_step(state, step=step, force=force, **kwargs)
+            if saved is not None:
+                sync(f"dflash-checkpoint-{step}-saved")  # every process's shards are on disk
+                if is_main_process():
+                    write_manifest(saved, kind=CHECKPOINT_KIND, extra={"step": int(step)})
+                sync(f"dflash-checkpoint-{step}-manifest")
+        except Exception as e:
+            if not _is_write_failure(e):
+                raise
+            if is_main_process():
+                shutil.rmtree(target, ignore_errors=True)
+            good = newest_good(target.parent)
+            raise CheckpointWriteError(
+                f"saving checkpoint {target} failed: {_write_failure_reason(e)}. The half-written {target.name} "
+                "was removed; " + (f"the newest good checkpoint is {good} (verified): free space, then rerun "
+                                   "with --resume." if good else "no earlier checkpoint of this run exists.")
+            ) from e
+        return saved
 
     def log_metrics(self, metrics: Any, pbar: Any, step: int, mode: str = "train", **kwargs: Any) -> Any:
         """Add ``tokens_per_second`` (supervised draft slots per second) to what easydel shows.
@@ -583,6 +427,16 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         _check_positive(name, getattr(s, name))
     if s.save_steps is not None:
         _check_positive("save_steps", s.save_steps)
+    if s.eval_steps is not None:
+        _check_positive("eval_steps", s.eval_steps)
+        if not s.eval_cache_dir:
+            raise TrainerInputError("--eval-steps needs --eval-cache-dir (the held-out cache to evaluate on).")
+    if s.keep_best and not s.eval_cache_dir:
+        raise TrainerInputError("--keep-best needs --eval-cache-dir: the best checkpoint is chosen by its held-out "
+                                "accepted length; build a held-out cache (README) or drop --keep-best.")
+    if s.eval_cache_dir and not Path(s.eval_cache_dir).is_dir():
+        raise TrainerInputError(f"--eval-cache-dir {s.eval_cache_dir} is not a directory.")
+    _check_positive("export_check_blocks", s.export_check_blocks)
     if s.total_batch_size % s.dp:
         raise TrainerInputError(
             f"total_batch_size={s.total_batch_size} is not divisible by dp={s.dp}: the global batch is sharded "
@@ -602,8 +456,8 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         raise TrainerInputError(f"weight_decay={s.weight_decay} must be >= 0.")
     if s.warmup_steps < 0:
         raise TrainerInputError(f"warmup_steps={s.warmup_steps} must be >= 0.")
-    if s.loss_decay_gamma is not None:
-        slot_weights(2, s.loss_decay_gamma)
+    if s.loss_decay_gamma is not None and s.loss_decay_gamma < 0:
+        raise TrainerInputError(f"loss_decay_gamma={s.loss_decay_gamma} must be >= 0 (0 = uniform weights).")
     for name in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(s, name)).is_dir():
             raise TrainerInputError(f"{name} {getattr(s, name)} is not a directory.")
@@ -625,7 +479,7 @@ def _constant_with_warmup(learning_rate: float, warmup_steps: int) -> Any:
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "none"}
 
 
-def training_arguments(s: DFlashTrainingSettings, *, anchors: int, block_size: int) -> Any:
+def training_arguments(s: DFlashTrainingSettings, *, anchors: int, block_size: int, resume: bool = False) -> Any:
     """easydel ``TrainingArguments`` of a run (optimizer, schedule, logging, checkpoints).
 
     ``anchors`` (blocks per row) only sets ``max_length``, so that easydel's throughput figure is
@@ -651,7 +505,7 @@ def training_arguments(s: DFlashTrainingSettings, *, anchors: int, block_size: i
         log_steps=s.log_steps,
         report_steps=s.log_steps,
         save_steps=s.save_steps,
-        resume_if_possible=s.resume,
+        resume_if_possible=resume,  # only when build_trainer picked (and verified) a checkpoint
         do_last_save=True,
         use_wandb=False,
         track_memory=False,
@@ -672,7 +526,6 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     from transformers import AutoConfig
 
     from dflash_gptoss.config import make_draft_config
-    from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
 
     validate_settings(s)
     if s.lr_schedule not in _SCHEDULES:
@@ -683,9 +536,14 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         raise TrainerInputError(
             f"vocab_size={vocab} is not divisible by tp={s.tp}: lm_head rows are sharded over tp; "
             f"pick a tp that divides {vocab}.")
-    ds = DFlashCacheDataset(s.cache_dir, seed=s.seed, bf16_as_bits=True)
+    if s.export_dir:
+        from dflash_gptoss.export_draft import check_export_dir
+
+        check_export_dir(s.export_dir)
+    ds = DFlashCacheDataset(s.cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     meta = ds.meta
     ds.validate(teacher_config=teacher_cfg)
+    ds.check_teacher(s.teacher_snapshot_dir)
     block_size = int(s.block_size or meta["block_size"])
     rows = s.total_batch_size * s.gradient_accumulation_steps
     if rows > ds.num_items:
@@ -694,6 +552,69 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     draft_config = make_draft_config(teacher_cfg, num_hidden_layers=s.num_draft_layers, block_size=block_size,
                                      mask_token_id=mask_id, layer_ids=list(meta["target_layer_ids"]))
     ds.validate(draft_config=draft_config)  # block size / layer ids / hidden size vs the cache
+    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
+    held_out = _held_out(s, ds, block_size)
+    lock, resume_from = _claim_run_folder(s, draft_config, ds, gamma)
+    try:
+        return _assemble(s, ds, teacher_cfg, draft_config, block_size, mask_id, gamma, resume_from, lock, held_out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int) -> tuple[Any, Any]:
+    """(eval cache, its fixed eval set) when ``--eval-cache-dir`` is given, else (None, None)."""
+    if not s.eval_cache_dir:
+        return None, None
+    from dflash_gptoss.heldout_eval import build_eval_set, check_eval_cache
+
+    eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
+    check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
+    return eval_ds, build_eval_set(eval_ds, block_size=block_size, anchors_per_item=s.anchors_per_window,
+                                   rows_per_batch=s.total_batch_size)
+
+
+def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCacheDataset,
+                      gamma: float) -> tuple[Any, Path | None]:
+    """Lock ``save_directory/model_name`` for this job, pick (and verify) the checkpoint to resume, and
+    record or compare the run's fixed settings (``checkpoints`` module doc)."""
+    from dflash_gptoss.checkpoints import check_resume_matches, checkpoint_to_resume, run_record, write_run_record
+    from dflash_gptoss.distributed import is_main_process
+    from dflash_gptoss.job_lock import acquire_for_job
+
+    run_dir = Path(s.save_directory).absolute() / s.model_name
+    existed = run_dir.exists()
+    lock = acquire_for_job(run_dir, "draft training")
+    try:
+        resume_from = checkpoint_to_resume(run_dir, resume=s.resume, resume_if_possible=s.resume_if_possible)
+        data = ds.meta["data"]
+        record = run_record(draft_config, {
+            "total_batch_size": s.total_batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "anchors_per_window": s.anchors_per_window, "seed": s.seed, "loss_decay_gamma": gamma,
+            "cache": {"layout": ds.layout, "ctx_len": ds.meta["ctx_len"], "num_windows": ds.num_items,
+                      "tokens_sha256": data.get("tokens_sha256"),
+                      "teacher_fingerprint": ds.meta["teacher"].get("weights_fingerprint")}})
+        if resume_from is not None:
+            check_resume_matches(resume_from, record)
+        elif is_main_process():
+            write_run_record(run_dir, record)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if not existed and is_main_process():
+            shutil.rmtree(run_dir, ignore_errors=True)  # only our lock file: leave no trace of a refused run
+        raise
+    return lock, resume_from
+
+
+def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: Any, draft_config: Any,
+              block_size: int, mask_id: int, gamma: float, resume_from: Path | None,
+              lock: Any, held_out: tuple[Any, Any]) -> tuple[DFlashTrainer, Any]:
+    """The expensive part of :func:`build_trainer`, once every input is known to be usable."""
+    from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
+
+    meta, vocab = ds.meta, int(teacher_cfg.vocab_size)
     embed, lm_head = load_frozen_tables(s.teacher_snapshot_dir)
     if embed.shape != (vocab, int(teacher_cfg.hidden_size)) or lm_head.shape != embed.shape:
         raise CacheMismatchError(f"teacher tables {embed.shape}/{lm_head.shape} do not match its config.")
@@ -702,26 +623,27 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         _rng_keys_on_mesh(model)
         _single_writer_checkpoint_files()
     nb = anchors_per_row(ds.layout, int(meta["ctx_len"]), block_size, s.anchors_per_window)
-    args = training_arguments(s, anchors=nb, block_size=block_size)
-    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
+    args = training_arguments(s, anchors=nb, block_size=block_size, resume=resume_from is not None)
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
-                            seed=s.seed)
-    if s.resume:
-        latest = latest_checkpoint(s.save_directory, s.model_name)
+                            seed=s.seed, resume_from=resume_from, eval_cache=held_out[0], eval_set=held_out[1],
+                            eval_steps=s.eval_steps, keep_best=s.keep_best)
+    trainer.run_lock = lock
+    if resume_from is not None:
         resumed = int(jax.device_get(trainer.model_state.step))
-        if latest is not None and resumed == 0:
-            raise TrainerInputError(f"--resume: easydel could not reload {latest} (see the warning above); refusing "
-                                    "to silently start from scratch. Move the checkpoint away or fix it.")
+        if resumed != int(resume_from.name[4:]):
+            raise TrainerInputError(f"--resume: easydel reloaded step {resumed}, not {resume_from} (see the warning "
+                                    "above); refusing to silently start from elsewhere.")
     return trainer, draft_config
 
 
 def latest_checkpoint(save_directory: str | Path, model_name: str) -> Path | None:
     """The ``run-<step>`` folder with the highest step under ``save_directory/model_name``, if any."""
-    root = Path(save_directory) / model_name
-    runs = [p for p in root.glob("run-*") if p.is_dir() and p.name[4:].isdigit()]
-    return max(runs, key=lambda p: int(p.name[4:])) if runs else None
+    from dflash_gptoss.checkpoints import checkpoints
+
+    found = checkpoints(Path(save_directory) / model_name)
+    return found[-1] if found else None
 
 
 def export_checkpoint(checkpoint_dir: str | Path, draft_config: Any, out_dir: str | Path, *,
@@ -730,11 +652,12 @@ def export_checkpoint(checkpoint_dir: str | Path, draft_config: Any, out_dir: st
 
     ``dp`` defaults to every device over ``tp`` (an easydel mesh must cover all visible devices).
     """
+    from dflash_gptoss.checkpoints import require_good
     from dflash_gptoss.easydel_dflash_draft_model import load_draft_state
     from dflash_gptoss.export_draft import export_nnx_draft
 
     dp = jax.device_count() // tp if dp is None else dp
-    state = load_draft_state(checkpoint_dir, dp=dp, tp=tp)
+    state = load_draft_state(require_good(Path(checkpoint_dir)), dp=dp, tp=tp)
     return export_nnx_draft(state.model, draft_config, out_dir, dtype=dtype)
 
 
@@ -742,13 +665,21 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
     """Build (unless ``built`` by :func:`build_trainer`), train with easydel's loop, export; a summary dict.
 
     ``export_dir`` set: the final state's draft is written as a torch folder the benchmark loads.
-    Past one process every process takes part in gathering the weights and process 0 writes.
+    Past one process every process takes part in gathering the weights and process 0 writes. The run
+    folder's lock is released when this returns.
     """
-    from dflash_gptoss.distributed import is_main_process, sync
-    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
-    from dflash_gptoss.export_draft import export_nnx_draft
-
     trainer, draft_config = built if built is not None else build_trainer(s)
+    try:
+        return _train_and_export(s, trainer, draft_config)
+    finally:
+        if getattr(trainer, "run_lock", None) is not None:
+            trainer.run_lock.release()
+            trainer.run_lock = None
+
+
+def _train_and_export(s: DFlashTrainingSettings, trainer: DFlashTrainer, draft_config: Any) -> dict[str, Any]:
+    from dflash_gptoss.trainer_export import export_checked
+
     start_step = int(jax.device_get(trainer.model_state.step))
     output = trainer.train()
     state = getattr(output, "state", None) or trainer.model_state
@@ -756,15 +687,11 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
         "start_step": start_step,
         "final_step": int(jax.device_get(state.step)),
         "history": trainer.history,
+        "eval_history": trainer.eval_history,
+        "best_eval_step": trainer.best[0] if trainer.best is not None else None,
         "checkpoint": str(latest_checkpoint(s.save_directory, s.model_name)),
     }
     if s.export_dir:
-        from jax.experimental import multihost_utils
-
-        params = {k: v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True)
-                  for k, v in param_arrays(state.model).items()}  # a collective past one process
-        if is_main_process():
-            export_nnx_draft(params, draft_config, s.export_dir)
-        sync("dflash-export-written")
-        summary["export_dir"] = str(Path(s.export_dir))
+        summary.update(export_checked(trainer, draft_config, state, s.export_dir,
+                                      teacher_snapshot_dir=s.teacher_snapshot_dir, max_blocks=s.export_check_blocks))
     return summary

@@ -1,24 +1,104 @@
 """Export the JAX (nnx) draft to a PyTorch draft folder, and load such a folder back into JAX.
 
-The folder is what :meth:`DFlashDraftModel.from_pretrained` (benchmark) and serving engines
-read: ``config.json`` written by the SHARED draft config (a transformers ``Qwen3Config`` from
-:func:`dflash_gptoss.config.make_draft_config`, never a second config writer) and
-``model.safetensors`` with exactly the torch draft's state-dict names and shapes. The expected
-names and shapes come from a torch draft built on the ``meta`` device, so a drift between the
-two implementations is an error at export time, not at load time on another machine.
+The folder is what :meth:`DFlashDraftModel.from_pretrained` (benchmark), serving engines and
+``AutoModel.from_pretrained(folder, trust_remote_code=True)`` read. It is written by the torch
+draft's own ``save_pretrained`` (transformers'), so a JAX export and a torch save are the same
+kind of folder: ``config.json`` from the SHARED draft config
+(:func:`dflash_gptoss.config.make_draft_config`; never a second config writer, legacy RoPE keys
+included), ``model.safetensors`` with exactly the torch draft's state-dict names and shapes, and
+``auto_map`` + the two self-contained code files. The expected names and shapes come from a torch
+draft built on the ``meta`` device, so a drift between the two implementations is an error at
+export time, not at load time on another machine.
+
+Never half-written: the folder is written beside the target under a temporary name and renamed
+into place (a killed export leaves a hidden ``.<name>.tmp-*`` folder, never a target that looks
+complete). A target that exists and is not a draft is refused up front by
+:func:`check_export_dir`, cheap enough for a trainer's pre-flight checks (no torch, no JAX).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import json
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dflash_gptoss.modeling_gptoss_dflash import WEIGHTS_NAME
+from dflash_gptoss.preflight import OutputPathError, check_output_dir
 
 _EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+class ExportDirError(OutputPathError):
+    """The export folder cannot be written (the message names the path and the fix)."""
+
+
+def check_export_dir(out_dir: str | Path) -> Path:
+    """Pre-flight check of an export target: where a draft may be written, or :class:`ExportDirError`.
+
+    Accepted: a path that does not exist yet (under a writable folder), an empty folder, or an
+    earlier DFlash draft folder (replaced as a whole). Refused: a file, a folder holding anything
+    else (overwriting it would destroy data that is not ours), a place where no file can be created
+    (``preflight``'s real write probe: permission bits say nothing for root or a read-only mount).
+    Costs a few ``stat`` calls and one probe file; no torch, no JAX.
+    """
+    out = Path(out_dir).expanduser()
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise ExportDirError(f"export folder {str(out)!r} is a file, not a folder; pass a new folder path.")
+    if out.is_dir() and any(out.iterdir()) and not _is_draft_folder(out):
+        raise ExportDirError(f"export folder {str(out)!r} exists and is not a DFlash draft (no config.json with a "
+                             "dflash_config); refusing to replace it: pass a new folder, or move that one away.")
+    try:
+        check_output_dir(out.parent, "export folder parent")  # the temporary folder is made beside ``out``
+    except OutputPathError as e:
+        raise ExportDirError(f"export folder {str(out)!r} cannot be written: {e}") from e
+    return out
+
+
+def _is_draft_folder(path: Path) -> bool:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False
+    from dflash_gptoss.configuration_gptoss_dflash import is_draft_config_dict
+
+    return isinstance(raw, dict) and is_draft_config_dict(raw)
+
+
+def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``out_dir``, which is then renamed into place.
+
+    If ``write`` raises, the temporary folder is removed and ``out_dir`` is untouched. An existing
+    ``out_dir`` (checked by :func:`check_export_dir`) is moved aside, replaced, then deleted.
+    """
+    out = check_export_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the earlier draft back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def torch_name(path: tuple[str, ...]) -> str:
@@ -81,22 +161,47 @@ def to_torch_state(model_or_params: Any, draft_config: Any) -> dict[str, np.ndar
     return state
 
 
-def export_nnx_draft(model_or_params: Any, draft_config: Any, out_dir: str | Path, *,
-                     dtype: str = "float32") -> Path:
-    """Write ``config.json`` + ``model.safetensors`` loadable by ``DFlashDraftModel.from_pretrained``."""
+def torch_draft_from_state(draft_config: Any, state: Mapping[str, Any]) -> Any:
+    """A torch ``DFlashDraftModel`` holding ``state`` (torch tensors, by name) without a second copy.
+
+    Built on ``meta`` and given the tensors themselves (``assign``), so exporting a 0.8B draft does
+    not first allocate and randomly initialise 0.8B parameters. The config is copied: saving
+    records ``dtype``/``architectures``/``auto_map`` in the model's config, not the caller's.
+    """
     import torch
-    from safetensors.torch import save_file
+
+    from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
+
+    with torch.device("meta"):
+        model = DFlashDraftModel(copy.deepcopy(draft_config))
+    model.load_state_dict(dict(state), strict=True, assign=True)
+    return model.eval()
+
+
+def export_nnx_draft(model_or_params: Any, draft_config: Any, out_dir: str | Path, *, dtype: str = "float32",
+                     before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write a draft folder (``DFlashDraftModel.save_pretrained``'s) from the nnx draft, atomically.
+
+    ``before_commit(tmp_folder)`` runs on the complete folder before it is renamed into place
+    (e.g. a check that the torch draft reproduces the JAX one, writing its report there); if it
+    raises, nothing is left at ``out_dir``.
+    """
+    import torch
 
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} not supported; use one of {_EXPORT_DTYPES}")
+    check_export_dir(out_dir)  # before gathering weights: a refused target costs nothing
     tdtype = torch.float32 if dtype == "float32" else torch.bfloat16
     state = {k: torch.from_numpy(np.array(v, order="C", copy=True)).to(tdtype)
              for k, v in to_torch_state(model_or_params, draft_config).items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    draft_config.save_pretrained(out)
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    return out
+    model = torch_draft_from_state(draft_config, state)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
+
+    return write_folder_atomically(out_dir, write)
 
 
 def load_nnx_draft_from_torch_folder(draft_dir: str | Path, *, dp: int = 1, tp: int = 1, dtype: Any = None,
@@ -105,10 +210,10 @@ def load_nnx_draft_from_torch_folder(draft_dir: str | Path, *, dp: int = 1, tp: 
 
     Shapes are checked by the torch loader first (clear errors naming the tensor), then the
     weights replace the fresh initialisation parameter by parameter, keeping each one's sharding.
+    A draft with attention biases is refused by :func:`create_draft_model` (the JAX draft has none).
     """
     import jax
     import jax.numpy as jnp
-    from transformers import Qwen3Config
 
     from dflash_gptoss.easydel_dflash_draft_model import create_draft_model, param_variables
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
@@ -116,8 +221,7 @@ def load_nnx_draft_from_torch_folder(draft_dir: str | Path, *, dp: int = 1, tp: 
     path = Path(draft_dir).expanduser()
     torch_model = DFlashDraftModel.from_pretrained(path)  # validates folder, names, shapes; reads bf16 too
     state = {k: v.detach().float().numpy() for k, v in torch_model.state_dict().items()}
-    draft_config = Qwen3Config.from_pretrained(path)
-    model = create_draft_model(draft_config, dp=dp, tp=tp, dtype=dtype or jnp.float32,
+    model = create_draft_model(torch_model.config, dp=dp, tp=tp, dtype=dtype or jnp.float32,
                                param_dtype=param_dtype or jnp.float32, precision=precision)
     for key, var in param_variables(model):
         array = state[torch_name(key)]
@@ -127,4 +231,5 @@ def load_nnx_draft_from_torch_folder(draft_dir: str | Path, *, dp: int = 1, tp: 
     return model
 
 
-__all__ = ["expected_torch_shapes", "export_nnx_draft", "load_nnx_draft_from_torch_folder", "to_torch_state"]
+__all__ = ["ExportDirError", "check_export_dir", "expected_torch_shapes", "export_nnx_draft",
+           "load_nnx_draft_from_torch_folder", "to_torch_state", "torch_draft_from_state", "write_folder_atomically"]

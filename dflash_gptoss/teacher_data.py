@@ -100,7 +100,12 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
         raise TeacherDataError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1.")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TeacherDataError("need at least one prompt, and no empty prompt.")
-    out = Path(out_path)
+    from dflash_gptoss.preflight import OutputPathError, check_output_file
+
+    try:
+        out = check_output_file(out_path, "--out")  # before the teacher runs, not after
+    except OutputPathError as e:
+        raise TeacherDataError(str(e)) from e
     snapshot = check_gpt_oss_snapshot(snapshot_dir)
     partial, stamp = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     done_meta = out.with_name(out.name + ".meta.json")

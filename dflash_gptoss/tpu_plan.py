@@ -519,18 +519,17 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
     from dflash_gptoss.cache_format import array_specs
     from dflash_gptoss.config import default_mask_token_id, make_draft_config
     from dflash_gptoss.easydel_dflash_draft_model import lazy_draft_model
-    from dflash_gptoss.easydel_dflash_trainer import (
+    from dflash_gptoss.easydel_dflash_trainer import training_arguments
+    from dflash_gptoss.easydel_gptoss_fixes import EASYDEL_MESH_AXES
+    from dflash_gptoss.tpu_topologies import topology_mesh
+    from dflash_gptoss.train_step import (
         BATCH_SPEC,
         FROZEN_TABLE_SPEC,
-        anchors_per_row,
         default_loss_decay_gamma,
         make_train_step,
         slot_weights,
-        step_batch_shapes,
-        training_arguments,
     )
-    from dflash_gptoss.easydel_gptoss_fixes import EASYDEL_MESH_AXES
-    from dflash_gptoss.tpu_topologies import topology_mesh
+    from dflash_gptoss.training_data import anchors_per_row, step_batch_shapes
 
     try:
         mask_id = s.mask_token_id if s.mask_token_id is not None else default_mask_token_id(vocab, config_dir)

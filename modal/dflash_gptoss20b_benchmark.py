@@ -8,8 +8,11 @@ holds exported draft folders (``config.json`` + ``model.safetensors``).
   modal run modal/dflash_gptoss20b_benchmark.py --draft oracle
   modal volume put dflash-drafts ./exported_draft /my-draft
   modal run modal/dflash_gptoss20b_benchmark.py --draft /drafts/my-draft --max-new-tokens 256
+  modal run modal/dflash_gptoss20b_benchmark.py --draft /drafts/my-draft --max-new-tokens 2048 --repeats 3
 
-The JSON and PNG land in artifacts/dflash_bench/ on the machine that ran ``modal run``.
+The JSON and PNG land in --out-dir (default artifacts/dflash_bench/) on the machine that ran
+``modal run``; that folder is checked writable before the GPU is asked for. --repeats defaults
+to the benchmark's choice for CUDA (``DEFAULT_REPEATS``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ app = modal.App("dflash-gptoss20b-benchmark")
 
 @app.function(gpu="H100", image=image, volumes={WEIGHTS_DIR: weights, DRAFTS_DIR: drafts}, timeout=3 * 3600)
 def benchmark(draft: str = "oracle", max_new_tokens: int = 256, block_size: int = 8, num_prompts: int = 8,
-              prompts_jsonl: str | None = None) -> dict:
+              prompts_jsonl: str | None = None, repeats: int | None = None) -> dict:
     """Download (once) the snapshot into the weights volume, then run the shared benchmark on the GPU."""
     import tempfile
 
@@ -56,7 +59,7 @@ def benchmark(draft: str = "oracle", max_new_tokens: int = 256, block_size: int 
     if prompts_jsonl:
         prompts_file = Path(tempfile.mkdtemp()) / "prompts.jsonl"
         prompts_file.write_text(prompts_jsonl)
-    settings = BenchSettings(max_new_tokens=max_new_tokens, block_size=block_size, draft=draft)
+    settings = BenchSettings(max_new_tokens=max_new_tokens, block_size=block_size, draft=draft, repeats=repeats)
     report = benchmark_snapshot(snapshot, settings, prompts_file=str(prompts_file) if prompts_file else None,
                                 num_prompts=num_prompts, chat=True, device="cuda", dtype="bfloat16")
     report["teacher"] = f"{MODEL_ID} (bf16)"
@@ -65,12 +68,22 @@ def benchmark(draft: str = "oracle", max_new_tokens: int = 256, block_size: int 
 
 @app.local_entrypoint()
 def main(draft: str = "oracle", max_new_tokens: int = 256, block_size: int = 8, num_prompts: int = 8,
-         prompts_file: str = "") -> None:
-    from dflash_gptoss.benchmark import summary_lines, write_report
+         prompts_file: str = "", repeats: int | None = None, out_dir: str = str(REPO / "artifacts" / "dflash_bench"),
+         report_name: str | None = None) -> None:
+    from dflash_gptoss.benchmark import BenchSettings, prepare_outputs, summary_lines, write_report
 
+    # Everything that can be refused here is refused before a GPU is paid for (the draft path is on the volume).
+    try:
+        BenchSettings(max_new_tokens=max_new_tokens, block_size=block_size, draft="oracle", repeats=repeats).validate()
+        out, stem = prepare_outputs(out_dir, report_name)
+        if prompts_file and not Path(prompts_file).is_file():
+            raise ValueError(f"--prompts-file {prompts_file} does not exist.")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     text = Path(prompts_file).read_text() if prompts_file else None
     report = benchmark.remote(draft=draft, max_new_tokens=max_new_tokens, block_size=block_size,
-                              num_prompts=num_prompts, prompts_jsonl=text)
-    json_path, png_path = write_report(report, REPO / "artifacts" / "dflash_bench")
+                              num_prompts=num_prompts, prompts_jsonl=text, repeats=repeats)
+    json_path, png_path = write_report(report, out, stem=stem)
     print("\n".join(summary_lines(report)))
     print(f"wrote {json_path} and {png_path}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded default (tiny GPT-OSS teacher) on this CPU, with the
 # same scripts and flags a user runs on the real model:
-#   tiny teacher (built or reused) -> teacher greedy data -> teacher cache (2x4 JAX mesh)
-#   -> draft training (easydel Trainer, 2x4 mesh) -> export -> benchmark on held-out prompts
-#   -> one table + artifacts/dflash_bench/tiny_pipeline_<UTC>*.{json,png}
+#   tiny teacher (built or reused) -> teacher greedy data (train prompts, and held-out prompts for
+#   evaluation) -> teacher caches (2x4 JAX mesh) -> draft training (easydel Trainer, 2x4 mesh, held-out
+#   accepted length every 200 steps, the best step kept) -> export (checked against the JAX draft)
+#   -> benchmark on held-out prompts -> one table + artifacts/dflash_bench/tiny_pipeline_<UTC>*.{json,png}
 # Work files (data, cache, checkpoints, the exported draft) go to $DEMO_DIR (default runs/demo);
 # the data and the cache are reused when they already match, the draft is trained afresh.
 # Every figure printed here is the TINY teacher's, on this machine's CPU, not gpt-oss-20b's.
@@ -34,9 +35,18 @@ TEACHER="$($PY -c 'from dflash_gptoss.tiny_teacher import ensure_tiny_teacher; p
 step data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$TEACHER" --out "$DEMO_DIR/greedy.jsonl" \
   --num-samples 2048 --prompt-tokens 64 --max-new-tokens 128 --batch-size 128 --resume
 
+# Held-out data: prompts from the held-out split (files the teacher and the draft never train on; seed 1,
+# so not the benchmark's own 20 prompts), continued by the teacher: the evaluation cache.
+step heldout-data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$TEACHER" --out "$DEMO_DIR/heldout.jsonl" \
+  --split heldout --seed 1 --num-samples 128 --prompt-tokens 64 --max-new-tokens 128 --batch-size 128 --resume
+
 step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$TEACHER" \
   --data "$DEMO_DIR/greedy.jsonl" --layout windows --ctx-len 256 --block-size 8 --num-context-features 3 \
   --num-blocks 2048 --batch-size 16 --dp 2 --tp 4 --out-dir "$DEMO_DIR/cache" --resume
+
+step heldout-cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$TEACHER" \
+  --data "$DEMO_DIR/heldout.jsonl" --layout windows --ctx-len 256 --block-size 8 --num-context-features 3 \
+  --num-blocks 32 --batch-size 16 --dp 2 --tp 4 --out-dir "$DEMO_DIR/heldout_cache" --resume
 
 rm -rf "$DEMO_DIR/checkpoints" "$DEMO_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DEMO_DIR/cache" \
@@ -44,6 +54,7 @@ step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$DE
   --dp 2 --tp 4 --total-batch-size 16 --anchors-per-window 16 --num-draft-layers 3 \
   --max-training-steps 1600 --learning-rate 3e-3 --lr-schedule cosine --warmup-steps 50 \
   --vocab-chunk-size 1024 --log-steps 50 --save-steps 400 \
+  --eval-cache-dir "$DEMO_DIR/heldout_cache" --eval-steps 200 --keep-best \
   --export-dir "$DEMO_DIR/draft" --summary-json "$DEMO_DIR/train_summary.json" "$@"
 
 step benchmark $PY scripts/dflash_benchmark.py --target "$TEACHER" --draft "$DEMO_DIR/draft" \

@@ -1,12 +1,22 @@
 #!/usr/bin/env python
 """Benchmark DFlash speculative decoding against an explicit KV-cache greedy loop (CPU or GPU).
 
-Every prompt is decoded twice, by the baseline and by the speculative loop, and
-the outputs are checked token for token. Writes artifacts/dflash_bench/bench_<UTC>.json
-and a PNG histogram of accepted lengths.
+The two loops run interleaved, --repeats times over the prompts (each pass: baseline then
+DFlash on each prompt in turn), and every DFlash output is checked token for token against
+the baseline's of the same pass. The headline speedup is total decode time, baseline over
+DFlash, from each prompt's median of the repeats, with the median and IQR of the per-prompt
+ratios beside it; the run is flagged NOISY when a prompt's repeats disagree by more than 10%.
+The per-step costs (one-token step, verify of B tokens, draft proposal) are timed in the same
+run, giving the loop efficiency. Writes <out-dir>/bench_<UTC>.json and a PNG histogram of
+accepted lengths. Exit code: 0, 1 if any prompt was not token-identical, 2 on bad input.
+
+Long generations: --max-new-tokens may go up to the target's positions: a prompt of P tokens
+and N new tokens use positions 0..P+N-2, so P + N - 1 <= max_position_embeddings (2048 on the
+tiny teacher: up to 1985 new tokens after its 64-token prompts). Longer is refused up front.
 
 Examples:
   python scripts/dflash_benchmark.py --target tiny --draft oracle
+  python scripts/dflash_benchmark.py --target tiny --draft oracle --num-prompts 4 --max-new-tokens 1024
   python scripts/dflash_benchmark.py --target /path/to/gpt-oss-20b --draft /path/to/draft --chat --device cuda
 """
 
@@ -19,7 +29,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dflash_gptoss.benchmark import BenchSettings, benchmark_snapshot, summary_lines, write_report  # noqa: E402
+from dflash_gptoss.benchmark import (  # noqa: E402
+    DEFAULT_CPU_THREADS,
+    DEFAULT_REPEATS,
+    BenchSettings,
+    benchmark_snapshot,
+    prepare_outputs,
+    summary_lines,
+    write_report,
+)
+from dflash_gptoss.cli_types import positive_int  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of each held-out prompt when no --prompts-file is given (default 64).")
     p.add_argument("--chat", action="store_true",
                    help="render prompts with the tokenizer's chat template (Harmony for gpt-oss).")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128).")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate per prompt (default 128; >= 2), up to the target's positions: "
+                        "prompt tokens + this - 1 <= max_position_embeddings (checked before any model loads).")
     p.add_argument("--block-size", type=int, default=8,
                    help="DFlash block size B: anchor + B-1 proposals per target verify (default 8).")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -56,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MASK id for the 'random' draft (default: the tokenizer's <|mask|>, else 200000).")
     p.add_argument("--stop-at-eos", action="store_true",
                    help="stop a prompt at the tokenizer's EOS (default: always generate --max-new-tokens).")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed passes over the prompts; each prompt's figure is the median of its repeats "
+                        f"(default {DEFAULT_REPEATS['cpu']} on CPU, {DEFAULT_REPEATS['cuda']} on CUDA). With 1 the "
+                        "noise cannot be measured.")
+    p.add_argument("--cpu-threads", type=positive_int, default=DEFAULT_CPU_THREADS,
+                   help=f"torch threads on CPU (default {DEFAULT_CPU_THREADS}: with 2+ threads, one core busy with "
+                        "another job stalls every op of the decode at the thread barrier; ask for more only where "
+                        "the cores are free). Ignored on CUDA.")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run.")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt selection and the random draft.")
     return p.parse_args(argv)
@@ -66,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = BenchSettings(
         max_new_tokens=args.max_new_tokens, block_size=args.block_size, draft=args.draft,
         random_draft_layers=args.random_draft_layers, num_context_features=args.num_context_features,
-        mask_token_id=args.mask_token_id, warmup=not args.no_warmup, seed=args.seed,
+        mask_token_id=args.mask_token_id, warmup=not args.no_warmup, seed=args.seed, repeats=args.repeats,
+        cpu_threads=args.cpu_threads,
     )
     try:
+        settings.validate()
+        out_dir, stem = prepare_outputs(args.out_dir, args.report_name)  # before any model work
         report = benchmark_snapshot(
             args.target, settings, prompts_file=args.prompts_file, num_prompts=args.num_prompts,
             prompt_tokens=args.prompt_tokens, chat=args.chat, device=args.device, dtype=args.dtype,
@@ -77,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    json_path, png_path = write_report(report, args.out_dir, stem=args.report_name)
+    json_path, png_path = write_report(report, out_dir, stem=stem)
     print("\n".join(summary_lines(report)))
     print(f"wrote {json_path} and {png_path}")
     return 0 if report["lossless_all"] else 1

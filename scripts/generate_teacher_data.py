@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL; one {'input_ids': [...], 'prompt_len': n} per line.")
     p.add_argument("--prompts-file", default=None,
                    help="JSONL of prompts ('input_ids', 'messages' or 'prompt' per line). Default: --num-samples "
-                        "prompts cut from the TRAIN split of the stdlib corpus (the benchmark uses held-out files).")
+                        "prompts cut from the --split of the stdlib corpus.")
+    p.add_argument("--split", choices=("train", "heldout"), default="train",
+                   help="corpus split of the default prompts: 'train' for training data; 'heldout' (files the "
+                        "teacher and the draft never train on, the benchmark's split) for a held-out evaluation "
+                        "cache (pass another --seed than the benchmark's 0 to cut other prompts). Default: train.")
     p.add_argument("--chat", action="store_true", help="render 'prompt' lines with the chat template (Harmony).")
     p.add_argument("--num-samples", type=positive_int, default=512,
                    help="corpus prompts to draw when no --prompts-file is given; with a file, at most this many "
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from dflash_gptoss.corpus import split_prompts
 
-            prompts = split_prompts(tokenizer, "train", args.num_samples, args.prompt_tokens, seed=args.seed)
+            prompts = split_prompts(tokenizer, args.split, args.num_samples, args.prompt_tokens, seed=args.seed)
         summary = generate_teacher_data(snapshot, args.out, prompts, max_new_tokens=args.max_new_tokens,
                                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                                         resume=args.resume, overwrite=args.overwrite)

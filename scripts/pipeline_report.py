@@ -42,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in (bench, Path(args.train_summary)):
         if not path.is_file():
             p.error(f"{path} does not exist")
-    summary, paths = write_pipeline_report(bench, args.train_summary, dict(args.timing),
-                                           args.out_dir or bench.parent, args.name or bench.stem)
+    try:
+        summary, paths = write_pipeline_report(bench, args.train_summary, dict(args.timing),
+                                               args.out_dir or bench.parent, args.name or bench.stem)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("\n".join(summary_table(summary)))
     print("wrote " + " and ".join(str(x) for x in paths))
     return 0

@@ -13,12 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash_gptoss.cache_builder import DEFAULT_DATA  # noqa: E402  (light: numpy only)
+from dflash_gptoss.cache_data import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
 from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_tpu:  # plan for a named TPU instead of building: no data read, nothing written but the plan
         return run_plans(args, args.plan_tpu, ("cache",), args.plan_json)
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
-    from dflash_gptoss.cache_builder import load_teacher, plan_teacher_cache, run_plan
+    from dflash_gptoss.cache_builder import load_teacher, open_out_dir, plan_teacher_cache, run_plan
     from dflash_gptoss.cache_format import bytes_per_window
+    from dflash_gptoss.preflight import write_failure_message
 
     try:
         plan = plan_teacher_cache(
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             free_bytes=args.assume_free_bytes,
         )
+        arrays = open_out_dir(plan)  # the cache's disk space is reserved here, before the teacher loads
         teacher = None if plan.already_complete else load_teacher(plan)  # heavy: jax/easydel from here
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,10 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     from dflash_gptoss.distributed import is_main_process
 
     try:
-        result = run_plan(plan, teacher, progress=not args.no_progress)
+        result = run_plan(plan, teacher, progress=not args.no_progress, arrays=arrays)
     except CacheBuildError as e:  # multi-host: the hosts do not share --out-dir
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:  # e.g. the disk filled while progress was being recorded
+        print(f"error: {write_failure_message(e, f'writing the teacher cache in {plan.out_dir}')} Every chunk "
+              "recorded so far is kept: fix the cause, then rerun the same command with --resume.", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     if not is_main_process():
         return 0
     if plan.already_complete:

@@ -8,7 +8,6 @@ Bad input prints one ``error:`` line and exits with code 2, before any JAX compi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -68,11 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MASK token id (default: 200000 for gpt-oss vocabularies, else the tokenizer's <|mask|>).")
     p.add_argument("--seed", type=int, default=0, help="draft init, data order and anchor sampling seed.")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME.")
+                   help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME (verified against its "
+                        "manifest; the draft's shape and data settings must match the run's). An error when there "
+                        "is no checkpoint, so a mistyped --model-name never restarts training silently.")
+    p.add_argument("--resume-if-possible", action="store_true",
+                   help="like --resume, but start afresh when SAVE_DIRECTORY/MODEL_NAME holds no checkpoint "
+                        "(for scripts that rerun one command). Without either flag, a folder that already holds "
+                        "checkpoints is refused.")
+    p.add_argument("--verify-cache", choices=("auto", "size", "full"), default="auto",
+                   help="how deeply the cache is checked against its manifest before training: 'size' (every file "
+                        "present at its size; instant), 'full' (every byte re-hashed, ~1.4 GB/s), 'auto' (full up "
+                        "to 4 GiB, else size; scripts/dflash_verify.py checks a large cache fully).")
     p.add_argument("--export-dir", default=None,
                    help="after training, write the final draft as a torch/HF folder (config.json + "
-                        "model.safetensors) that the benchmark loads.")
-    p.add_argument("--summary-json", default=None, help="write the run summary (per-step history) here.")
+                        "model.safetensors + its modeling code, loadable with AutoModel and trust_remote_code) that "
+                        "the benchmark and serving engines load. Checked before training (a new or empty folder, or an "
+                        "earlier draft, which is replaced); written to a temporary folder, checked (--export-check-"
+                        "blocks), then renamed into place.")
+    p.add_argument("--summary-json", default=None,
+                   help="write the run summary here (per-step history, eval_history, export_check).")
+    p.add_argument("--eval-cache-dir", default=None,
+                   help="a HELD-OUT teacher cache (same teacher and geometry as --cache-dir, built from data the "
+                        "training cache never saw): its fixed seeded blocks are scored at the first step, every "
+                        "--eval-steps and the last step (loss, per-slot accuracy, teacher-forced accepted length "
+                        "as the benchmark counts it: mean, median, p90, histogram).")
+    p.add_argument("--eval-steps", type=_positive_int, default=None,
+                   help="evaluate on --eval-cache-dir every N steps (besides the first and the last).")
+    p.add_argument("--keep-best", action="store_true",
+                   help="export the evaluated step with the best held-out mean accepted length instead of the last "
+                        "(among this run's evaluations; needs --eval-cache-dir).")
+    p.add_argument("--export-check-blocks", type=_positive_int, default=1024,
+                   help="blocks on which the exported torch draft must reproduce the JAX draft's accepted length "
+                        "(within 0.02) and slot accuracies (within 0.01) before the export is put in place; "
+                        "held-out blocks when --eval-cache-dir is given, else training-cache blocks.")
     add_distributed_args(p)
     add_plan_arguments(p, geometry=True)
     return p
@@ -90,11 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
+    from dflash_gptoss.export_draft import check_export_dir
+    from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file, write_failure_message
+
+    try:  # every output path, before anything expensive (not after hours of training)
+        check_output_dir(Path(args.save_directory) / args.model_name, "--save-directory/--model-name")
+        if args.summary_json:
+            check_output_file(args.summary_json, "--summary-json")
+        if args.export_dir:
+            check_export_dir(args.export_dir)
+    except OutputPathError as exc:
+        parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
 
     from dflash_gptoss.cache_format import CacheFormatError
     from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
-    from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings, build_trainer, run_training
+    from dflash_gptoss.easydel_dflash_trainer import (
+        CheckpointWriteError,
+        DFlashTrainingSettings,
+        build_trainer,
+        run_training,
+    )
+    from dflash_gptoss.export_check import ExportCheckError
+    from dflash_gptoss.job_lock import LockHeldError
 
     settings = DFlashTrainingSettings(
         cache_dir=args.cache_dir, teacher_snapshot_dir=args.teacher_snapshot_dir,
@@ -105,12 +150,23 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, num_draft_layers=args.num_draft_layers,
         loss_decay_gamma=args.loss_decay_gamma, anchors_per_window=args.anchors_per_window,
-        mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume, export_dir=args.export_dir)
+        mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
+        resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir,
+        eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
+        export_check_blocks=args.export_check_blocks)
     try:  # every input check happens while building (before compiling); ValueError = bad input here
         built = build_trainer(settings)
-    except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError) as exc:
+    except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError, LockHeldError) as exc:
         parser.error(str(exc).replace("\n", " "))
-    summary = run_training(settings, built)
+    try:
+        summary = run_training(settings, built)
+    except (CheckpointWriteError, ExportCheckError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the export or another write after training
+        print(f"error: {write_failure_message(exc, 'writing the training outputs')} The checkpoints are kept: "
+              "rerun with --resume (and a writable --export-dir) to export them.", file=sys.stderr)
+        return 1
     from dflash_gptoss.distributed import is_main_process
 
     if not is_main_process():  # every process holds the same history; process 0 reports and writes
@@ -122,8 +178,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{last['loss']:.4f}, expected accepted length {first['expected_accept_len']:.3f} -> "
               f"{last['expected_accept_len']:.3f}; checkpoint {summary['checkpoint']}"
               + (f"; exported to {summary['export_dir']}" if "export_dir" in summary else ""))
+    for entry in summary["eval_history"][-1:]:
+        best = summary["best_eval_step"]
+        print(f"held-out accepted length per verify step at step {entry['step']}: mean "
+              f"{entry['eval_accept_len_mean']:.3f}, median {entry['eval_accept_len_median']:g}, p90 "
+              f"{entry['eval_accept_len_p90']:g} ({entry['eval_walk_steps']} steps of a greedy walk over "
+              f"{entry['eval_blocks']} held-out blocks)" + (f"; best at step {best}" if best is not None else ""))
+    check = summary.get("export_check")
+    if check:
+        print(f"export check (step {summary['exported_step']}, {summary['exported_from']}): accepted length JAX "
+              f"{check['jax_accept_len_mean']:.4f} vs exported torch {check['torch_accept_len_mean']:.4f} on "
+              f"{check['num_anchors']} {check['blocks_from']} blocks: passed")
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+        from dflash_gptoss.cache_format import write_json_atomic
+
+        Path(args.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.summary_json, summary)
     return 0
 
 

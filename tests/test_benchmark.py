@@ -1,13 +1,22 @@
-"""The benchmark CLI end to end on the tiny teacher, and the Modal app's wiring (no network)."""
+"""The benchmark CLI end to end on the tiny teacher, its arithmetic, its checks before work, and the Modal app's wiring.
+
+No assertion here is about how fast anything ran (timings on a shared CI machine are noise);
+they are about what was run, in which order, and whether the report's figures are the
+stated functions of the timings it recorded.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from dflash_gptoss import bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -15,37 +24,240 @@ sys.path.insert(0, str(REPO / "scripts"))
 import dflash_benchmark  # noqa: E402
 
 
-def test_cli_oracle_writes_a_complete_report(tiny_teacher_dir, tmp_path):
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The benchmark's CPU setting for the tests that time forwards directly (and back after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if the target's weights are loaded: the checks under test must come before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the target was loaded before the bad input was refused")
+
+    monkeypatch.setattr("dflash_gptoss.target.load_target", refuse)
+
+
+def _run_order(report: dict) -> list[tuple[int, int, str]]:
+    """(repeat, prompt, loop) of every timed loop call, in the order the run started them."""
+    starts = []
+    for row in report["per_prompt"]:
+        for entry in row["schedule"]:
+            starts.append((entry["baseline_start_s"], entry["repeat"], row["prompt_index"], "baseline"))
+            starts.append((entry["dflash_start_s"], entry["repeat"], row["prompt_index"], "dflash"))
+    return [tuple(rest) for _, *rest in sorted(starts)]
+
+
+def test_cli_oracle_interleaves_repeats_and_reports_medians(tiny_teacher_dir, tmp_path):
     code = dflash_benchmark.main([
         "--target", str(tiny_teacher_dir), "--draft", "oracle", "--num-prompts", "3", "--max-new-tokens", "40",
-        "--block-size", "8", "--out-dir", str(tmp_path), "--no-warmup",
+        "--block-size", "8", "--repeats", "3", "--out-dir", str(tmp_path), "--no-warmup",
     ])
     assert code == 0
     [json_file] = tmp_path.glob("bench_*.json")
-    assert (tmp_path / f"{json_file.stem}_acceptance.png").stat().st_size > 0
+    assert (tmp_path / f"{json_file.stem}_acceptance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp"))
     report = json.loads(json_file.read_text())
     assert report["teacher"].startswith("tiny GPT-OSS teacher")
+    assert report["settings"]["repeats"] == 3 and report["settings"]["cpu_threads"] == 1
+
+    # Interleaved: 3 passes; in each, prompt by prompt, baseline then DFlash.
+    assert _run_order(report) == [(r, p, loop) for r in range(3) for p in range(3) for loop in ("baseline", "dflash")]
+
+    # Lossless on every repeat, and the oracle's acceptance is exact (40 tokens: 1 from prefill, then
+    # 39 = 4 full blocks of 8 + a last block of 7), the same on every repeat.
     assert report["lossless_all"] and report["lossless_prompts"] == 3
-    # 40 tokens: 1 from prefill, then 39 = 4 full blocks of 8 + a last block of 7.
-    assert report["acceptance_hist"] == {"7": 3, "8": 12}
+    assert all(row["mismatched_repeats"] == [] for row in report["per_prompt"])
+    assert report["acceptance_hist"] == {"7": 3, "8": 12} and report["acceptance_same_every_repeat"]
     assert report["target_forwards_per_token"] == pytest.approx(6 / 40)
     assert report["baseline_target_forwards_per_token"] == 1.0
-    for key in ("speedup_mean", "acceptance_mean", "acceptance_median", "acceptance_p90", "prefill_s_mean",
-                "baseline_tokens_per_s", "dflash_tokens_per_s", "device", "settings"):
-        assert key in report
-    assert all(row["dflash"]["new_tokens"] == 40 for row in report["per_prompt"])
+
+    # Every figure is the stated function of the recorded repeats (recomputed here with numpy).
+    ratios = []
+    for row in report["per_prompt"]:
+        for loop in ("baseline", "dflash"):
+            stats = row[loop]
+            assert len(stats["decode_s_repeats"]) == 3 and stats["new_tokens"] == 40
+            assert stats["decode_s"] == np.median(stats["decode_s_repeats"])
+            assert stats["prefill_s"] == np.median(stats["prefill_s_repeats"])
+            times = stats["decode_s_repeats"]
+            assert stats["decode_spread"] == pytest.approx((max(times) - min(times)) / np.median(times), rel=1e-12)
+        assert row["decode_speedup"] == row["baseline"]["decode_s"] / row["dflash"]["decode_s"]
+        assert row["noisy"] == (max(row["baseline"]["decode_spread"], row["dflash"]["decode_spread"]) > 0.10)
+        ratios.append(row["decode_speedup"])
+    rows = report["per_prompt"]
+    assert report["speedup"] == pytest.approx(
+        sum(r["baseline"]["decode_s"] for r in rows) / sum(r["dflash"]["decode_s"] for r in rows), rel=1e-12)
+    per = report["speedup_per_prompt"]
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    assert (per["q1"], per["median"], per["q3"]) == pytest.approx((q1, median, q3), rel=1e-12)
+    assert report["noisy"] == any(r["noisy"] for r in rows)
+    assert report["noise"]["noisy_prompts"] == [r["prompt_index"] for r in rows if r["noisy"]]
+    assert report["speedup_mean"] == pytest.approx(statistics.fmean(r["end_to_end_speedup"] for r in rows))
+
+    costs = report["step_costs"]
+    assert costs["drafter"] == "oracle" and costs["block_size"] == 8 and costs["repeats"] == 3 * 10  # 10 per pass
+    # cost context: mean prompt (64) + half the new tokens (20)
+    assert costs["context_len"] == 64 + 20
+    assert min(costs["target_forward_1_token_s"], costs["target_verify_block_s"], costs["draft_propose_s"]) > 0
+    assert costs["accepted_length_mean"] == report["acceptance_mean"] == pytest.approx(117 / 15)  # 3 x (4x8 + 7)
+    allowed = costs["accepted_length_mean"] * costs["target_forward_1_token_s"] / (
+        costs["target_verify_block_s"] + costs["draft_propose_s"])
+    assert costs["modelled_speedup"] == pytest.approx(allowed, rel=1e-12)
+    assert costs["loop_efficiency"] == pytest.approx(report["speedup"] / allowed, rel=1e-12)
 
 
-def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
+def test_noise_spread_and_quartiles_arithmetic():
+    # Spread is (max - min) / median; binary-exact values keep the boundary exact.
+    assert bench_stats.spread([1.0, 1.0, 1.125]) == 0.125
+    assert bench_stats.spread([2.0, 1.0, 1.0625]) == pytest.approx(1.0 / 1.0625)
+    assert bench_stats.spread([1.0]) is None  # one repeat: nothing to compare
+    with pytest.raises(ValueError, match="positive"):
+        bench_stats.spread([0.0, 0.0])
+    # Noisy when any spread is ABOVE the threshold; an unmeasurable spread neither flags nor clears a run.
+    assert bench_stats.is_noisy([0.0625, 0.09375]) is False
+    assert bench_stats.is_noisy([0.0625, None, 0.125]) is True
+    assert bench_stats.is_noisy([0.125], threshold=0.125) is False
+    assert bench_stats.is_noisy([None, None]) is None
+    assert bench_stats.NOISE_THRESHOLD == 0.10
+    # Quartiles agree with numpy's default (linear) percentile.
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 7, 20):
+        values = rng.uniform(0.5, 10.0, n).tolist()
+        summary = bench_stats.ratio_summary(values)
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        assert (summary["q1"], summary["median"], summary["q3"]) == pytest.approx((q1, median, q3), rel=1e-12)
+        assert summary["iqr"] == pytest.approx(q3 - q1, abs=1e-12)
+        assert (summary["min"], summary["max"]) == (min(values), max(values))
+
+
+def _ids_file(path: Path, lengths: list[int]) -> Path:
+    rng = np.random.default_rng(0)
+    path.write_text("".join(json.dumps({"input_ids": rng.integers(5, 4000, n).tolist()}) + "\n" for n in lengths))
+    return path
+
+
+def test_position_limit_refused_before_model_work_and_exact_limit_runs(tiny_teacher_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    # The tiny teacher has max_position_embeddings=2048; a 2040-token prompt leaves room for 9 new tokens
+    # (positions 0..2040+9-2 = 2047). The longest prompt is the one named.
+    argv = ["--target", str(tiny_teacher_dir), "--draft", "oracle", "--repeats", "1", "--no-warmup",
+            "--out-dir", str(tmp_path / "out")]
+    two = _ids_file(tmp_path / "two.jsonl", [100, 2040])
+    with monkeypatch.context() as mp:
+        mp.setattr("dflash_gptoss.target.load_target", lambda *a, **k: pytest.fail("target loaded before refusal"))
+        assert dflash_benchmark.main([*argv, "--prompts-file", str(two), "--max-new-tokens", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt 1 has 2040 tokens; with --max-new-tokens 10 the loops would feed "
+                          "positions up to 2048, but the target has max_position_embeddings=2048")
+    assert "Use --max-new-tokens <= 9 with these prompts" in err and err.count("\n") == 1
+    assert not list((tmp_path / "out").glob("*.json"))
+
+    one = _ids_file(tmp_path / "one.jsonl", [2040])  # one long prompt: a 2040-token prefill is slow on CPU
+    assert dflash_benchmark.main([*argv, "--prompts-file", str(one), "--max-new-tokens", "9"]) == 0
+    [report_file] = (tmp_path / "out").glob("bench_*.json")
+    report = json.loads(report_file.read_text())
+    assert report["lossless_all"] and report["settings"]["max_position_embeddings"] == 2048
+    assert [row["dflash"]["new_tokens"] for row in report["per_prompt"]] == [9]
+    assert report["noisy"] is None  # one repeat: the noise is unknown, and said so
+    # Costs are timed mid-decode (2040 + 9 // 2 = 2044), clamped so a block of 8 fits in 2048 positions.
+    assert report["step_costs"]["context_len"] == 2048 - 8
+    assert "noise: unknown (1 repeat" in capsys.readouterr().out
+
+
+def test_output_paths_checked_before_model_work(tmp_path, capsys, no_model_loads):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me\n")
+    cases = [
+        (["--out-dir", str(a_file)], f"error: --out-dir {a_file} exists and is not a folder"),
+        (["--out-dir", str(a_file / "sub")], f"error: --out-dir {a_file / 'sub'}: {a_file} is a file"),
+        (["--out-dir", str(tmp_path / "out"), "--report-name", "x/y"], "error: --report-name 'x/y' must be a plain"),
+    ]
+    (tmp_path / "out2" / "taken.json").mkdir(parents=True)
+    cases.append((["--out-dir", str(tmp_path / "out2"), "--report-name", "taken"],
+                  f"error: --out-dir/--report-name: {tmp_path / 'out2' / 'taken.json'} is a folder"))
+    for extra, message in cases:
+        assert dflash_benchmark.main(["--target", "tiny", "--draft", "oracle", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert a_file.read_text() == "keep me\n"
+
+
+def test_cli_bad_input_is_a_clear_error(tmp_path, capsys, no_model_loads):
     assert dflash_benchmark.main(["--target", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert dflash_benchmark.main(["--target", "tiny", "--block-size", "1", "--out-dir", str(tmp_path)]) == 2
     assert "--block-size must be >= 2" in capsys.readouterr().err
-    assert dflash_benchmark.main(["--target", "tiny", "--max-new-tokens", "0", "--out-dir", str(tmp_path)]) == 2
-    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert dflash_benchmark.main(["--target", "tiny", "--max-new-tokens", "1", "--out-dir", str(tmp_path)]) == 2
+    assert "--max-new-tokens must be >= 2" in capsys.readouterr().err
+    assert dflash_benchmark.main(["--target", "tiny", "--draft", str(tmp_path / "nodraft"),
+                                  "--out-dir", str(tmp_path)]) == 2
+    assert f"--draft '{tmp_path / 'nodraft'}' is not a folder" in capsys.readouterr().err
+    for flag in ("--repeats", "--cpu-threads"):
+        with pytest.raises(SystemExit) as exit_info:
+            dflash_benchmark.parse_args([flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"argument {flag}: 0 must be >= 1" in capsys.readouterr().err
 
 
-def test_modal_app_builds_without_network():
+def test_measure_costs_times_the_real_forwards(tiny_teacher_dir):
+    import torch
+
+    from dflash_gptoss.config import make_draft_config
+    from dflash_gptoss.decode_costs import measure_costs, modelled_speedup
+    from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
+    from dflash_gptoss.target import load_target
+
+    target = load_target(tiny_teacher_dir)
+    torch.manual_seed(0)
+    config = make_draft_config(target.config, num_hidden_layers=1, block_size=4, mask_token_id=3,
+                               num_context_features=3)
+    draft = DFlashDraftModel(config).eval()
+    costs = measure_costs(target, draft, context_len=48, repeats=3)
+    assert (costs["drafter"], costs["block_size"], costs["context_len"], costs["repeats"]) == ("dflash", 4, 48, 3)
+    assert min(costs["target_forward_1_token_s"], costs["target_verify_block_s"], costs["draft_propose_s"]) > 0
+    # The modelled speedup is linear in the accepted length: a * t_step / (t_verify + t_draft).
+    by_length = costs["modelled_speedup_by_accepted_length"]
+    assert list(by_length) == ["1", "2", "3", "4"]
+    for a in range(1, 5):
+        assert by_length[str(a)] == pytest.approx(a * by_length["1"], rel=1e-12)
+        assert modelled_speedup(costs, a) == pytest.approx(by_length[str(a)], rel=1e-12)
+    for bad in (4, 2046):  # no room for the context before a block / for a block within 2048 positions
+        with pytest.raises(ValueError, match="context_len must be in"):
+            measure_costs(target, draft, context_len=bad, repeats=1)
+    assert all(not layer._forward_hooks for layer in target.model.layers)  # every hook removed again
+
+
+def test_decode_costs_script_refuses_before_building_and_runs_on_the_tiny_teacher(tiny_teacher_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_decode_costs", REPO / "scripts" / "bench_decode_costs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with monkeypatch.context() as mp:
+        mp.setattr("dflash_gptoss.target.load_target", lambda *a, **k: pytest.fail("target loaded before refusal"))
+        code = script.main(["--target", str(tiny_teacher_dir), "--context-len", "2000", "--oracle-tokens", "64",
+                            "--out-dir", str(tmp_path)])
+        assert code == 2
+        assert capsys.readouterr().err.startswith(
+            "error: --context-len 2000 with --block-size 8 and --oracle-tokens 64 needs 2063 positions; the target "
+            "has max_position_embeddings=2048")
+    code = script.main(["--target", str(tiny_teacher_dir), "--context-len", "48", "--block-size", "4",
+                        "--draft-layers", "1", "--oracle-tokens", "16", "--repeats", "2", "--out-dir", str(tmp_path)])
+    assert code == 0
+    [out] = tmp_path.glob("decode_costs_target_*.json")
+    report = json.loads(out.read_text())
+    assert report["costs"]["context_len"] == 48 and report["costs"]["repeats"] == 2
+    assert "1 threads" in report["device"]
+    assert report["oracle_end_to_end"]["lossless"] and report["oracle_end_to_end"]["new_tokens"] == 16
+
+
+def test_modal_app_builds_without_network_and_checks_outputs_before_the_gpu(tmp_path, capsys, monkeypatch):
     modal = pytest.importorskip("modal")
     spec = importlib.util.spec_from_file_location("modal_bench", REPO / "modal" / "dflash_gptoss20b_benchmark.py")
     module = importlib.util.module_from_spec(spec)
@@ -53,3 +265,20 @@ def test_modal_app_builds_without_network():
     assert module.app.name == "dflash-gptoss20b-benchmark"
     assert module.MODEL_ID == "openai/gpt-oss-20b"
     assert isinstance(module.benchmark, modal.Function)
+
+    class NoGpu:
+        def remote(self, **kwargs):
+            raise AssertionError("the remote benchmark was started before the bad input was refused")
+
+    monkeypatch.setattr(module, "benchmark", NoGpu())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    entrypoint = module.main.info.raw_f
+    for kwargs, message in (({"out_dir": str(a_file)}, f"--out-dir {a_file} exists and is not a folder"),
+                            ({"out_dir": str(tmp_path), "repeats": 0}, "--repeats must be >= 1"),
+                            ({"out_dir": str(tmp_path), "prompts_file": str(tmp_path / "no.jsonl")},
+                             "--prompts-file")):
+        with pytest.raises(SystemExit) as exit_info:
+            entrypoint(**kwargs)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")

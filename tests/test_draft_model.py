@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import GptOssConfig
+from transformers import GptOssConfig, Qwen3Config
 
 from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, make_draft_config, target_layer_ids
 from dflash_gptoss.decoding import DFlashDrafter
@@ -75,6 +75,35 @@ def test_wrong_shape_checkpoint_is_refused(tmp_path, tiny_draft):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight.*another draft shape"):
         DFlashDraftModel.from_pretrained(tmp_path)
+
+
+def test_missing_or_unexpected_tensors_are_refused_not_reinitialised(tmp_path, tiny_draft):
+    """transformers only warns about these (and would re-initialise the weight); the draft loader refuses."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_draft.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "norm.weight"}, str(weights))
+    with pytest.raises(ValueError, match=r"do not match the draft config: missing \['norm.weight'\]"):
+        DFlashDraftModel.from_pretrained(tmp_path)
+    save_file({**state, "lm_head.weight": torch.zeros(3, 3)}, str(weights))
+    with pytest.raises(ValueError, match=r"unexpected \['lm_head.weight'\]"):
+        DFlashDraftModel.from_pretrained(tmp_path)
+    save_file({f"model.{k}": v for k, v in state.items()}, str(weights))  # SGLang's accepted prefixed form
+    loaded = DFlashDraftModel.from_pretrained(tmp_path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+
+
+def test_a_config_without_dflash_fields_is_not_a_draft(tmp_path, tiny_draft):
+    tiny_draft.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["dflash_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="is not a DFlash draft config"):
+        DFlashDraftModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a DFlash draft config"):
+        DFlashDraftModel(Qwen3Config(hidden_size=96, num_attention_heads=4, head_dim=24))
 
 
 def test_draft_for_another_target_is_refused(tiny_draft):

@@ -162,7 +162,7 @@ def test_names_and_steps_are_checked(apps):
 
 @pytest.mark.parametrize("path,options", [
     (TRAIN_FILE, ["--step", "--gpu", "--data-name", "--cache-name", "--draft-name", "--resume / --no-resume"]),
-    (BENCH_FILE, ["--draft", "--max-new-tokens", "--block-size"]),
+    (BENCH_FILE, ["--draft", "--max-new-tokens", "--block-size", "--repeats", "--out-dir", "--report-name"]),
 ])
 def test_modal_cli_parses_the_entrypoint(path, options):
     """``modal run FILE --help`` builds the entrypoint's CLI locally (no server, no credentials)."""

@@ -244,7 +244,8 @@ def test_gradient_accumulation_equals_one_big_batch(caches, tiny_teacher_dir, tm
 
 def test_anchor_sampling_and_loss_weights() -> None:
     from dflash_gptoss.easydel_dflash_cache import response_anchor_mask
-    from dflash_gptoss.easydel_dflash_trainer import anchor_positions_for_step, expected_accept_length, slot_weights
+    from dflash_gptoss.easydel_dflash_trainer import expected_accept_length, slot_weights
+    from dflash_gptoss.training_data import anchor_positions_for_step
 
     a, w = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
     assert a.shape == (5, 8) and a.min() >= 1 and a.max() <= CTX - B + 1 and (w == 1).all()

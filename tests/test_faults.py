@@ -1,0 +1,457 @@
+"""Nothing lost, nothing silent: one test per fault class, each asserting the exact error and that
+nothing already made was lost.
+
+* exclusive writers: two real processes on one folder (two trainer CLIs at once; a live lock holder
+  and, after SIGKILL, its stale lock taken over);
+* disk full: the cache's space is reserved before the teacher runs (a disk too small is refused at
+  once, a disk that fills later is one clear error and a resumable cache), a checkpoint save that
+  meets a full disk keeps the previous checkpoint usable. On a real small tmpfs where this machine
+  lets the test mount one (root); elsewhere the same failure is injected at the write call;
+* integrity: caches and checkpoints truncated, missing a file, altered byte-wise, or from another
+  teacher, are refused naming the file (and, for checkpoints, the newest good one);
+* checks before work: output paths, resume rules, --data records (file:line).
+
+Every build here is tiny (tiny teacher, ctx 32); training runs are 2 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dflash_gptoss.cache_builder import CacheBuildError, open_out_dir, plan_teacher_cache, run_plan
+from dflash_gptoss.cache_format import META_FILE, CacheFormatError, InsufficientSpaceError, read_json
+from dflash_gptoss.checkpoints import CheckpointError, checkpoint_to_resume
+from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
+from dflash_gptoss.integrity import MANIFEST_NAME
+from dflash_gptoss.job_lock import LOCK_NAME, read_holder
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CLI = REPO / "scripts" / "tpu_dflash_train_with_easydel_trainer.py"
+CTX, B, K, N = 32, 8, 3, 16
+BUILD = dict(ctx_len=CTX, block_size=B, num_context_features=K, num_blocks=N, batch_size=8, layout="windows",
+             dp=2, tp=4, seed=0)
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+           PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+# ----------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def small_fs(path: Path, size: str) -> Iterator[bool]:
+    """A tmpfs of ``size`` mounted at ``path`` (True), or just the folder where mounting is not allowed (False)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _enospc(filename: str = "") -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the filesystem of ``folder`` to the last byte with one file (removed to free it again)."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        for size in (1 << 16, 1):  # big writes, then the last partial block byte by byte
+            while f.write(b"\0" * size) == size:
+                pass
+    return filler
+
+
+def _settings(cache: Path, teacher: Path, save: Path, **kw: object):
+    from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings
+
+    base = dict(cache_dir=str(cache), teacher_snapshot_dir=str(teacher), save_directory=str(save), model_name="m",
+                max_training_steps=2, total_batch_size=8, dp=2, tp=4, vocab_chunk_size=1024, log_steps=100,
+                learning_rate=3e-3, lr_schedule="constant", anchors_per_window=4, mask_token_id=1,
+                progress_bar="json", save_steps=1)
+    base.update(kw)
+    return DFlashTrainingSettings(**base)
+
+
+def _train_cli(cache: Path, teacher: Path, save: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TRAIN_CLI), "--cache-dir", str(cache), "--teacher-snapshot-dir", str(teacher),
+            "--save-directory", str(save), "--model-name", "m", "--max-training-steps", "2", "--total-batch-size",
+            "8", "--dp", "2", "--tp", "4", "--vocab-chunk-size", "1024", "--anchors-per-window", "4",
+            "--mask-token-id", "1", "--save-steps", "1", *extra]
+
+
+def _error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir: Path):
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    return JaxTeacher(tiny_teacher_dir, target_layer_ids(6, K), dp=2, tp=4)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_teacher_dir: Path, teacher, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete windows cache of the tiny teacher (with its manifest): copy it before damaging it."""
+    from dflash_gptoss.cache_builder import build_teacher_cache
+
+    out = tmp_path_factory.mktemp("cache") / "c"
+    build_teacher_cache(tiny_teacher_dir, out, teacher=teacher, progress=False, **BUILD)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(cache: Path, tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step run with checkpoints run-1 and run-2 (manifests written): copy it before damaging it."""
+    from dflash_gptoss.easydel_dflash_trainer import run_training
+
+    save = tmp_path_factory.mktemp("trained")
+    run_training(_settings(cache, tiny_teacher_dir, save))
+    return save
+
+
+@pytest.fixture(scope="module")
+def other_teacher(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny teacher with every weight nudged: same config, same shapes, another model."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    out = tmp_path_factory.mktemp("other_teacher")
+    model = GptOssForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    model.save_pretrained(out)
+    for f in tiny_teacher_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith("_report.json"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(LOCK_NAME))
+    return dst
+
+
+# ----------------------------------------------------------------------------------- exclusive writers
+def test_two_trainers_on_one_run_folder_exactly_one_runs(cache, tiny_teacher_dir, tmp_path: Path) -> None:
+    """Two real trainer CLIs started together on one --save-directory/--model-name: one trains, the other is
+    refused at once naming the first's pid, and the winner's checkpoints are whole (verified)."""
+    save = tmp_path / "ckpt"
+    procs = [subprocess.Popen(_train_cli(cache, tiny_teacher_dir, save), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    line = _error_line(outs[loser][1])
+    assert f"is in use by pid {procs[winner].pid} on host" in line and "draft training" in line, line
+    from dflash_gptoss.checkpoints import checkpoints, verify_checkpoint
+
+    assert [p.name for p in checkpoints(save / "m")] == ["run-1", "run-2"]
+    for p in checkpoints(save / "m"):
+        verify_checkpoint(p)
+
+
+def test_a_live_holder_refuses_a_cache_build_and_its_stale_lock_is_taken_over(tiny_teacher_dir, tmp_path) -> None:
+    out = tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dflash_gptoss.job_lock import acquire; "
+                               f"acquire({str(out)!r}, 'holder'); print('held', flush=True); time.sleep(600)"],
+                              env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert read_holder(out)["pid"] == holder.pid
+        with pytest.raises(CacheBuildError, match=f"is in use by pid {holder.pid} on host .*holder"):
+            plan_teacher_cache(tiny_teacher_dir, out, **BUILD)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the refused build wrote nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel dropped the dead holder's flock: the next build takes the folder over and names itself.
+    plan = plan_teacher_cache(tiny_teacher_dir, out, **BUILD)
+    assert read_holder(out)["pid"] == os.getpid() and plan.start_window == 0
+    plan.lock.release()
+
+
+# ----------------------------------------------------------------------------------- disk full
+def test_a_disk_too_small_is_refused_before_the_teacher_loads(tiny_teacher_dir, tmp_path, monkeypatch) -> None:
+    """The size check passes (the free space is overstated with free_bytes), the reservation does not: the
+    error names the file, and the files just created are gone again."""
+    with small_fs(tmp_path / "fs", "64k") as mounted:
+        if not mounted:  # the same failure, injected where the reservation asks the kernel for blocks
+            def no_space(fd: int, offset: int, size: int) -> None:
+                raise _enospc()
+
+            monkeypatch.setattr(os, "posix_fallocate", no_space)
+        plan = plan_teacher_cache(tiny_teacher_dir, tmp_path / "fs" / "c", free_bytes=1 << 40, **BUILD)
+        with pytest.raises(InsufficientSpaceError, match=r"could not reserve .* on disk for .*features_u16\.npy"):
+            open_out_dir(plan)
+        assert sorted(p.name for p in (tmp_path / "fs" / "c").iterdir()) == [LOCK_NAME]
+        plan.lock.release()
+
+
+def test_a_disk_that_fills_during_the_build_is_one_error_and_a_resumable_cache(
+        tiny_teacher_dir, teacher, cache, tmp_path, monkeypatch) -> None:
+    nbytes = sum(p.stat().st_size for p in cache.iterdir()) + 4 * 4096
+    with small_fs(tmp_path / "fs", f"{nbytes // 1024 + 64}k") as mounted:
+        out = tmp_path / "fs" / "c"
+        plan = plan_teacher_cache(tiny_teacher_dir, out, **BUILD)
+        arrays = open_out_dir(plan)  # every array's blocks are reserved now
+        if mounted:
+            filler = _fill(tmp_path / "fs")  # another writer takes the rest: only un-reserved writes can fail
+        else:
+            import dflash_gptoss.cache_builder as cb
+
+            real, calls = cb.write_progress, []
+
+            def write_progress(*args: object) -> None:  # the second chunk's progress meets a full disk
+                calls.append(args)
+                if len(calls) > 1:
+                    raise _enospc(str(out / "progress.json"))
+                real(*args)
+
+            monkeypatch.setattr(cb, "write_progress", write_progress)
+        with pytest.raises(OSError) as info:
+            run_plan(plan, teacher, progress=False, arrays=arrays)
+        assert info.value.errno == errno.ENOSPC
+        assert not read_json(out / META_FILE)["complete"] and not (out / MANIFEST_NAME).exists()
+        if mounted:
+            filler.unlink()
+        monkeypatch.undo()
+        resumed = plan_teacher_cache(tiny_teacher_dir, out, resume=True, **BUILD)
+        run_plan(resumed, teacher, progress=False)
+        for f in ("features_u16.npy", "token_ids.npy", "labels.npy", "response_u8.npy"):
+            assert (out / f).read_bytes() == (cache / f).read_bytes(), f
+        DFlashCacheDataset(out, verify="full", process_index=0, process_count=1)
+
+
+def test_a_disk_full_checkpoint_save_keeps_the_previous_one(cache, tiny_teacher_dir, tmp_path, monkeypatch) -> None:
+    from dflash_gptoss.checkpoints import checkpoints, verify_checkpoint
+    from dflash_gptoss.easydel_dflash_trainer import CheckpointWriteError, run_training
+
+    with small_fs(tmp_path / "fs", "2200k") as mounted:  # one checkpoint of this draft is ~1.3 MB
+        save = tmp_path / "fs"
+        if not mounted:
+            from easydel.infra.base_state import EasyDeLState
+
+            real, calls = EasyDeLState.save_state, []
+
+            def save_state(self, *a, **kw):
+                calls.append(1)
+                if len(calls) > 1:
+                    raise _enospc(str(save / "m" / "run-2" / "tx"))
+                return real(self, *a, **kw)
+
+            monkeypatch.setattr(EasyDeLState, "save_state", save_state)
+        with pytest.raises(CheckpointWriteError) as info:
+            run_training(_settings(cache, tiny_teacher_dir, save, max_training_steps=3))
+        msg = str(info.value)
+        assert "saving checkpoint" in msg and "run-2 failed: the disk is full" in msg, msg
+        assert f"newest good checkpoint is {save / 'm' / 'run-1'} (verified)" in msg, msg
+        assert [p.name for p in checkpoints(save / "m")] == ["run-1"]  # the half-written run-2 is gone
+        verify_checkpoint(save / "m" / "run-1")
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=16m", str(save)], check=True)
+        monkeypatch.undo()
+        summary = run_training(_settings(cache, tiny_teacher_dir, save, max_training_steps=3, resume=True))
+        assert (summary["start_step"], summary["final_step"]) == (1, 3)
+
+
+# ----------------------------------------------------------------------------------- integrity: caches
+def test_damaged_caches_are_refused_naming_the_file(cache, tmp_path: Path) -> None:
+    def opened(d: Path, verify: str = "auto") -> DFlashCacheDataset:
+        return DFlashCacheDataset(d, verify=verify, process_index=0, process_count=1)
+
+    truncated = _copy(cache, tmp_path / "truncated")
+    with open(truncated / "features_u16.npy", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CacheFormatError, match=r"features_u16\.npy has 1000 bytes, the manifest says \d+ \(trunc"):
+        opened(truncated)
+
+    altered = _copy(cache, tmp_path / "altered")
+    with open(altered / "labels.npy", "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\x07")
+    opened(altered, verify="size")  # sizes intact: only the full check can see it ...
+    with pytest.raises(CacheFormatError, match=r"labels\.npy does not match its checksum"):
+        opened(altered)  # ... and "auto" does it for a cache this small
+
+    no_manifest = _copy(cache, tmp_path / "no_manifest")
+    (no_manifest / MANIFEST_NAME).unlink()
+    with pytest.raises(CacheFormatError, match=f"has no {MANIFEST_NAME}: its writer did not finish"):
+        opened(no_manifest)
+
+    bad_json = _copy(cache, tmp_path / "bad_json")
+    text = (bad_json / META_FILE).read_text().splitlines()
+    text[3] = text[3] + ","  # a stray comma on line 4
+    (bad_json / META_FILE).write_text("\n".join(text))
+    with pytest.raises(CacheFormatError, match=r"meta\.json:4:\d+: not valid JSON"):
+        opened(bad_json)
+
+    edited = _copy(cache, tmp_path / "edited")
+    meta = read_json(edited / META_FILE)
+    (edited / META_FILE).write_text(json.dumps(dict(meta, ctx_len=CTX // 2)))
+    with pytest.raises(CacheFormatError, match=r"contradicts itself .*ctx_len=16.*features: .* settings imply"):
+        opened(edited)
+
+
+def test_resume_of_a_complete_but_damaged_cache_is_refused(cache, tiny_teacher_dir, tmp_path: Path) -> None:
+    damaged = _copy(cache, tmp_path / "c")
+    (damaged / "token_ids.npy").unlink()
+    with pytest.raises(CacheBuildError, match=r"marked complete but is damaged: .*token_ids\.npy is missing"):
+        plan_teacher_cache(tiny_teacher_dir, damaged, resume=True, **BUILD)
+
+
+def test_a_cache_from_another_teacher_is_refused(cache, other_teacher, tmp_path: Path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+
+    with pytest.raises(CacheMismatchError, match="was built by another teacher: its meta.json records weights"):
+        build_trainer(_settings(cache, other_teacher, tmp_path))
+    assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------------- integrity: checkpoints
+@pytest.mark.parametrize("damage, message", [
+    ("optimizer", r"tx/.* is missing"),
+    ("weight_chunk", r"model/.*/kernel/0\.0 is missing"),
+    ("bytes", r"model/.*/kernel/0\.0 does not match its checksum"),
+    ("no_manifest", f"has no {MANIFEST_NAME}"),
+])
+def test_damaged_checkpoints_are_refused_naming_the_good_one(trained, tmp_path, damage, message) -> None:
+    save = _copy(trained, tmp_path / "save")
+    run2 = save / "m" / "run-2"
+    if damage == "optimizer":
+        shutil.rmtree(run2 / "tx")
+    elif damage == "no_manifest":
+        (run2 / MANIFEST_NAME).unlink()
+    else:
+        chunk = sorted(run2.glob("model/layers/0/self_attn/q_proj/kernel/0.0"))[0]
+        if damage == "weight_chunk":
+            chunk.unlink()
+        else:
+            data = bytearray(chunk.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            chunk.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint_to_resume(save / "m", resume=True, resume_if_possible=False)
+    assert "The newest good checkpoint is run-1: move run-2 out of the way" in str(info.value)
+
+
+def test_a_damaged_checkpoint_is_one_error_line_and_the_good_one_resumes(trained, cache, tiny_teacher_dir,
+                                                                          tmp_path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer, export_checkpoint
+
+    save = _copy(trained, tmp_path / "save")
+    shutil.rmtree(save / "m" / "run-2" / "tx")
+    r = subprocess.run(_train_cli(cache, tiny_teacher_dir, save, "--resume", "--max-training-steps", "3"),
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "newest good checkpoint is run-1" in _error_line(r.stderr)
+    with pytest.raises(CheckpointError, match="run-2 cannot be used"):
+        export_checkpoint(save / "m" / "run-2", None, tmp_path / "export")
+    (save / "m" / "run-2").rename(save / "m" / "damaged-run-2")  # the fix the message gives
+    trainer, _ = build_trainer(_settings(cache, tiny_teacher_dir, save, max_training_steps=3, resume=True))
+    assert int(trainer.model_state.step) == 1
+    trainer.run_lock.release()
+
+
+# ----------------------------------------------------------------------------------- checks before work
+def test_resume_rules(trained, cache, tiny_teacher_dir, tmp_path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+
+    save = _copy(trained, tmp_path / "save")
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*run-1, run-2.*pass --resume"):
+        build_trainer(_settings(cache, tiny_teacher_dir, save))
+    with pytest.raises(CheckpointError, match="--resume: .*other holds no run-<step> checkpoint"):
+        build_trainer(_settings(cache, tiny_teacher_dir, save, model_name="other", resume=True))
+    assert not (save / "other").exists()  # nothing left behind by the refusal
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers: checkpoint 1, now 2 \(--num-draft-layers\)"):
+        build_trainer(_settings(cache, tiny_teacher_dir, save, resume=True, num_draft_layers=2))
+    with pytest.raises(CheckpointError, match="anchors_per_window: the run started with 4, now 8"):
+        build_trainer(_settings(cache, tiny_teacher_dir, save, resume=True, anchors_per_window=8))
+    trainer, _ = build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "fresh", resume_if_possible=True))
+    assert int(trainer.model_state.step) == 0
+    trainer.run_lock.release()
+
+
+def test_output_paths_are_checked_before_training(cache, tiny_teacher_dir, tmp_path) -> None:
+    from dflash_gptoss.easydel_dflash_trainer import build_trainer
+    from dflash_gptoss.preflight import OutputPathError
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OutputPathError, match="export folder .*a_file. is a file, not a folder"):
+        build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(tmp_path / "a_file")))
+    with pytest.raises(OutputPathError, match="exists and is not a DFlash draft"):
+        build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(cache)))
+    with small_fs(tmp_path / "ro", "1m") as mounted:
+        if mounted and subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "ro")]).returncode == 0:
+            with pytest.raises(OutputPathError, match="cannot be written: .*Read-only file system"):
+                build_trainer(_settings(cache, tiny_teacher_dir, tmp_path / "s", export_dir=str(tmp_path / "ro" / "d")))
+    assert not (tmp_path / "s").exists()
+    r = subprocess.run(_train_cli(cache, tiny_teacher_dir, tmp_path / "s", "--summary-json", str(tmp_path)),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--summary-json" in _error_line(r.stderr) and "is a directory" in r.stderr
+
+
+def test_teacher_data_out_that_is_a_directory_fails_before_generating(tiny_teacher_dir, tmp_path,
+                                                                       monkeypatch) -> None:
+    import dflash_gptoss.target
+    from dflash_gptoss.teacher_data import TeacherDataError, generate_teacher_data
+
+    def load_target(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher was loaded before the output path was checked")
+
+    monkeypatch.setattr(dflash_gptoss.target, "load_target", load_target)
+    with pytest.raises(TeacherDataError, match="--out .* is a directory; give the path of a file"):
+        generate_teacher_data(tiny_teacher_dir, tmp_path, [[1, 2, 3]] * 4, max_new_tokens=64, progress=False)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input_ids": [5, 3459.7, 9]}', r"input_ids\[1\] = 3459\.7 is not an integer token id"),
+    ('{"input_ids": [5, true]}', r"input_ids\[1\] = True is not an integer"),
+    ('{"input_ids": [[5, 6], [7]]}', r"input_ids\[0\] = \[5, 6\] is not an integer"),
+    ('{"input_ids": "5 6 7"}', "input_ids must be a non-empty list of token ids, got str"),
+    ('{"text": 12}', '"text" must be a string, got int'),
+    ('{"input_ids": [5, 6], "prompt_len": 1.5}', "prompt_len=1.5 must be an integer"),
+    ('{"input_ids": [5, 6], "prompt_len": 3}', r"prompt_len=3 must lie in \[0, 2\]"),
+    ('{"input_ids": [5, 999999]}', r"token ids must lie in \[0, \d+\)"),
+    ('{"input_ids": [5, 6]', "not valid JSON"),
+    (b'{"text": "caf\xe9"}', "not UTF-8 text"),
+])
+def test_data_records_are_validated_with_file_and_line(tiny_teacher_dir, tmp_path, line, message) -> None:
+    data = tmp_path / "data.jsonl"
+    good = b'{"input_ids": [1, 2, 3, 4]}\n'
+    data.write_bytes(good + b"\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n" + good)
+    with pytest.raises(CacheBuildError, match=f"--data {data}:3: .*{message}"):
+        plan_teacher_cache(tiny_teacher_dir, tmp_path / "out", data=data, **BUILD)
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_command_reports_each_folder(cache, trained, tmp_path) -> None:
+    altered = _copy(cache, tmp_path / "altered")
+    arr = np.load(altered / "token_ids.npy", mmap_mode="r+")
+    arr[0, 0] += 1
+    arr.flush()
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "dflash_verify.py"), "--no-progress", str(cache),
+                        str(trained / "m" / "run-2"), str(altered)], env=ENV, capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 1 and len(lines) == 3, r.stdout + r.stderr
+    assert lines[0].startswith(f"ok {cache}: teacher-cache")
+    assert lines[1].startswith(f"ok {trained / 'm' / 'run-2'}: draft-checkpoint")
+    assert lines[2].startswith(f"DAMAGED {altered}") and "token_ids.npy does not match its checksum" in lines[2]
