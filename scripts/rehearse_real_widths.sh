@@ -46,7 +46,7 @@ rm -rf "$REH_DIR/checkpoints" "$REH_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$REH_DIR/cache" \
   --teacher-snapshot-dir "$SNAP" --save-directory "$REH_DIR/checkpoints" --model-name rehearsal \
   --dp 2 --tp 4 --total-batch-size 4 --anchors-per-window 8 --num-draft-layers 1 \
-  --max-training-steps 3 --vocab-chunk-size 8192 --log-steps 1 \
+  --max-training-steps 3 --vocab-chunk-size 8192 --log-steps 1 --export-check-blocks 32 \
   --export-dir "$REH_DIR/draft" --summary-json "$REH_DIR/train_summary.json"
 
 step benchmark $PY scripts/dflash_benchmark.py --target "$SNAP" --draft "$REH_DIR/draft" \
