@@ -35,6 +35,16 @@ HIGHEST_PRECISION_PASSES = 6
 docstring). The float32 teacher runs at HIGHEST (``easydel_gptoss_fixes.lazy_easydel_gptoss``), so its
 time estimate counts each FLOP six times; bf16 and DEFAULT-precision programs count it once."""
 
+
+
+def matmul_passes(step: str, dtype: str) -> int:
+    """bf16 MXU passes per FLOP a step's time estimate counts: 6 for the float32 teacher (HIGHEST), else 1.
+
+    The trainer's draft runs at the default precision (``easydel_dflash_draft_model``: ``precision=None``).
+    """
+    return HIGHEST_PRECISION_PASSES if step == "cache" and dtype == "float32" else 1
+
+
 # Documented throughput limits of Compute Engine zonal persistent disks per VM instance, MiB/s:
 # (balanced or SSD, extreme on large N2 VMs). Source: https://cloud.google.com/compute/docs/disks/performance
 # ("Throughput limits for zonal Persistent Disk").
@@ -393,7 +403,7 @@ def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_siz
                     num_context_features=num_context_features, target_layer_ids=layer_ids, num_blocks=num_blocks,
                     batch_size=batch_size, window_len=wlen, dtype=dtype, attention="vanilla")
     breakdown = {"parameters": per_chip_nbytes(abstract_state), "batch": per_chip_nbytes(ids)}
-    passes = HIGHEST_PRECISION_PASSES if dtype == "float32" else 1
+    passes = matmul_passes("cache", dtype)
     plan = _assemble("cache", topo, dp, tp, settings, breakdown, result, forwards, mfu, io, passes)
     plan.io["hours_if_written_at_pd_limit"] = disk / (PD_LIMITS_MIBPS["write"][0] * MIB * topo.hosts) / 3600
     if plan.estimated_seconds_per_step:
@@ -594,6 +604,6 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
 __all__ = [
     "DEFAULT_MFU", "TRAIN_COUNTS", "CacheGeometry", "Compiled", "PlanCompileError", "PlanInputError", "StepPlan",
     "cache_geometry", "check_cache_request", "check_train_request", "compile_for_topology", "easydel_state_shardings",
-    "per_chip_nbytes", "plan_cache_step", "plan_train_step", "rate_verdict", "teacher_state_shardings",
-    "validate_plan_request", "with_shardings",
+    "matmul_passes", "per_chip_nbytes", "plan_cache_step", "plan_train_step", "rate_verdict",
+    "teacher_state_shardings", "validate_plan_request", "with_shardings",
 ]

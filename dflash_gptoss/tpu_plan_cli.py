@@ -115,13 +115,25 @@ def write_plan_json(path: str | Path, doc: dict[str, Any]) -> None:
     write_json_atomic(Path(path), doc)
 
 
+def estimated_hours(doc: dict[str, Any]) -> float:
+    """The run's compute hours from a plan's JSON: FLOPs x passes x steps / (MFU x peak), as the planner does.
+
+    Plans written before ``matmul_passes`` was recorded get it from :func:`tpu_plan.matmul_passes`
+    (their ``estimated_seconds`` counted each float32 teacher FLOP once).
+    """
+    from dflash_gptoss.tpu_plan import matmul_passes
+
+    passes = doc.get("matmul_passes") or matmul_passes(doc["step"], doc["settings"].get("dtype", "bfloat16"))
+    return doc["flops_per_step_per_chip"] * passes * doc["steps"] / (doc["mfu"] * doc["peak_flops_per_chip"]) / 3600
+
+
 def table_row(doc: dict[str, Any], label: str = "") -> str:
     """One markdown row of a plan's JSON: the README's table is these rows, from ``artifacts/tpu_plan/``."""
     m, st = doc["per_chip_bytes"], doc["settings"]
     what = (f"batch {st['batch_size']}, {st['dtype']}" if doc["step"] == "cache" else
             f"batch {st['total_batch_size']}, {st['num_draft_layers']} layers")
     peak = m.get("peak")
-    hours = "-" if doc["estimated_seconds"] is None else f"{doc['estimated_seconds'] / 3600:.2f}"
+    hours = "-" if doc["flops_per_step_per_chip"] is None else f"{estimated_hours(doc):.2f}"
     io = doc["io"].get("hours_if_written_at_pd_limit", doc["io"].get("hours_if_read_at_pd_limit"))
     return (f"| {doc['step']} | {doc['topology']} | dp={doc['mesh']['dp']} tp={doc['mesh']['tp']}, {what} | "
             f"{'?' if peak is None else f'{peak / GIB:.2f}'} / {doc['hbm_bytes_per_chip'] / GIB:.2f} GiB | "
@@ -343,5 +355,5 @@ def run_plans(args: argparse.Namespace, topology: str, steps: tuple[str, ...], j
 
 
 __all__ = ["AUTO_BATCH_MAX", "EXIT_BAD_INPUT", "STEPS", "TABLE_HEADER", "add_plan_arguments", "cache_planner",
-           "format_plan", "largest_fitting_batch", "plan_in_child", "precheck", "run_plans", "table_row",
-           "train_planner", "training_settings", "write_plan_json"]
+           "estimated_hours", "format_plan", "largest_fitting_batch", "plan_in_child", "precheck", "run_plans",
+           "table_row", "train_planner", "training_settings", "write_plan_json"]
