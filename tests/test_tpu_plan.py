@@ -126,6 +126,12 @@ def test_cache_plan_compiles_the_builders_forward(cache_plan) -> None:
     # the float32 teacher runs at Precision.HIGHEST: six bf16 passes per product in the time estimate
     assert p["matmul_passes"] == 6 and np.isclose(
         p["estimated_seconds"], 8 * 6 * p["flops_per_step_per_chip"] / (p["mfu"] * p["peak_flops_per_chip"]))
+    # the README's table recomputes the hours from the JSON with the same rule (also for plans without the field)
+    from dflash_gptoss.tpu_plan_cli import estimated_hours
+
+    old_plan = {k: v for k, v in p.items() if k != "matmul_passes"}
+    assert np.isclose(estimated_hours(p), p["estimated_seconds"] / 3600)
+    assert np.isclose(estimated_hours(old_plan), p["estimated_seconds"] / 3600)
     # the window's token ids (int32 [8, 64]) over dp: 4 rows x 64 x 4 bytes on each chip
     assert m["arguments_breakdown"]["batch"] == 4 * CTX * 4
     assert p["io"]["cache_bytes_on_disk"] > 0 and p["settings"]["target_layer_ids"] == [1, 2, 3]
