@@ -2,7 +2,9 @@
 # Rehearse the real pipeline at gpt-oss-20b's exact widths on this CPU, with the real scripts:
 #   random-weight snapshot (hidden 2880, vocab 201088, 64/8 heads of dim 64, window 128, YaRN, sinks,
 #   MXFP4 experts under the real tensor names; 7 layers, 4 experts) -> teacher greedy data
-#   -> teacher cache (windows, ctx 512, K=4: the real 23 KB per position) on a dp=2 x tp=4 mesh
+#   -> teacher cache (windows, ctx 512, K=4: the real 23 KB per position) on a dp=1 x tp=8 mesh (the 8 CPU
+#      "devices" share this host's memory: at dp=2 each holds a replica's shard, two copies of the 8 GB float32
+#      teacher, and the build was killed for memory at 24 GB on a 24 GiB machine)
 #   -> a few training steps with the real vocabulary (exact chunked CE over 201088) -> export
 #   -> the DFlash benchmark for a few tokens.
 # Each step prints its wall time and peak RSS ([measure] lines) and the end prints them all; they land
@@ -35,12 +37,14 @@ if [ ! -f "$SNAP/config.json" ] || [ "${REH_FRESH:-0}" = 1 ]; then
   step snapshot $PY scripts/make_real_width_snapshot.py --out "$SNAP" --num-layers 7 --num-experts 4
 fi
 
-step data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$SNAP" --out "$REH_DIR/greedy.jsonl" \
-  --num-samples 8 --prompt-tokens 64 --max-new-tokens 64 --batch-size 8 --dtype float32 --overwrite
+if [ ! -f "$REH_DIR/greedy.jsonl" ] || [ "${REH_FRESH:-0}" = 1 ]; then  # reused like the snapshot
+  step data $PY scripts/generate_teacher_data.py --model-snapshot-dir "$SNAP" --out "$REH_DIR/greedy.jsonl" \
+    --num-samples 8 --prompt-tokens 64 --max-new-tokens 64 --batch-size 8 --dtype float32 --overwrite
+fi
 
 step cache $PY scripts/tpu_dflash_build_teacher_cache.py --model-snapshot-dir "$SNAP" \
   --data "$REH_DIR/greedy.jsonl" --layout windows --ctx-len 512 --block-size 8 --num-context-features 4 \
-  --num-blocks 8 --batch-size 8 --dp 2 --tp 4 --out-dir "$REH_DIR/cache" --overwrite
+  --num-blocks 8 --batch-size 8 --dp 1 --tp 8 --out-dir "$REH_DIR/cache" --overwrite
 
 rm -rf "$REH_DIR/checkpoints" "$REH_DIR/draft"
 step train $PY scripts/tpu_dflash_train_with_easydel_trainer.py --cache-dir "$REH_DIR/cache" \

@@ -93,18 +93,25 @@ def cache_plan(config_only: Path, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def train_plans(config_only: Path, tmp_path_factory) -> dict:
-    """The trainer's own --plan-tpu (fits) and plan_tpu_run.py's train step at a batch that cannot fit."""
+    """The trainer's own --plan-tpu (fits) and plan_tpu_run.py's train step at a batch that cannot fit.
+
+    plan_tpu_run.py runs as a real subprocess at the same time (each compile is single-threaded: on a
+    2-core CI machine the two overlap instead of adding up).
+    """
     root = tmp_path_factory.mktemp("train_plan")
-    rc = _script("tpu_dflash_train_with_easydel_trainer").main(
-        [*_train_flags(config_only, root, BATCH), "--plan-tpu", TOPOLOGY, "--plan-json", str(root / "fit.json")])
     flags = _train_flags(config_only, root, HUGE_BATCH)
     flags[flags.index("--teacher-snapshot-dir")] = "--model-snapshot-dir"
     for plan_only in ("--save-directory",):
         i = flags.index(plan_only)
         del flags[i:i + 2]
-    rc_huge = _script("plan_tpu_run").main([*flags, "--steps", "train", "--topology", TOPOLOGY,
-                                           "--plan-json", str(root / "huge.json")])
-    return {"rc": rc, "rc_huge": rc_huge, "root": root, "fit": json.loads((root / "fit.json").read_text()),
+    huge = subprocess.Popen([sys.executable, str(REPO / "scripts" / "plan_tpu_run.py"), *flags, "--steps", "train",
+                             "--topology", TOPOLOGY, "--plan-json", str(root / "huge.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
+    rc = _script("tpu_dflash_train_with_easydel_trainer").main(
+        [*_train_flags(config_only, root, BATCH), "--plan-tpu", TOPOLOGY, "--plan-json", str(root / "fit.json")])
+    out, _ = huge.communicate(timeout=900)
+    assert huge.returncode == 0, out
+    return {"rc": rc, "rc_huge": huge.returncode, "root": root, "fit": json.loads((root / "fit.json").read_text()),
             "huge": json.loads((root / "huge.json").read_text())}
 
 
