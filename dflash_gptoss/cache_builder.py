@@ -316,6 +316,22 @@ def _build_meta(
     }
 
 
+def check_build_geometry(model_snapshot_dir: str | os.PathLike, *, layout: str, ctx_len: int, block_size: int,
+                         num_context_features: int, num_blocks: int, batch_size: int, dp: int, tp: int,
+                         dtype: str) -> tuple[dict[str, Any], list[int]]:
+    """The checks of a build that need neither data nor an out-dir: (config, layer ids).
+
+    :func:`plan_teacher_cache` starts with them; the TPU planner (``--plan-tpu``) runs them alone
+    before compiling the teacher's forward.
+    """
+    _check_settings(layout=layout, ctx_len=ctx_len, block_size=block_size, num_blocks=num_blocks,
+                    batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
+    cfg = read_teacher_config(model_snapshot_dir)
+    layer_ids = _layer_ids(cfg, num_context_features)
+    _check_model_positions(cfg, layout, ctx_len, block_size)
+    return cfg, layer_ids
+
+
 def _fingerprint(snapshot_dir: Path) -> str | None:
     """The teacher's identity (``integrity.weights_fingerprint``); None for a config-only folder (a plan)."""
     from dflash_gptoss.integrity import weights_fingerprint
@@ -353,20 +369,10 @@ def plan_teacher_cache(
     """
     if resume and overwrite:
         raise CacheBuildError("--resume and --overwrite contradict each other; pass one.")
-    _check_settings(
-        layout=layout,
-        ctx_len=ctx_len,
-        block_size=block_size,
-        num_blocks=num_blocks,
-        batch_size=batch_size,
-        dp=dp,
-        tp=tp,
-        dtype=dtype,
-    )
     snapshot = Path(model_snapshot_dir).absolute()
-    cfg = read_teacher_config(snapshot)
-    layer_ids = _layer_ids(cfg, num_context_features)
-    _check_model_positions(cfg, layout, ctx_len, block_size)
+    cfg, layer_ids = check_build_geometry(snapshot, layout=layout, ctx_len=ctx_len, block_size=block_size,
+                                          num_context_features=num_context_features, num_blocks=num_blocks,
+                                          batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
     tokens, response = load_token_stream(data, snapshot, cfg)
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:

@@ -271,6 +271,20 @@ def create_draft_model(draft_config: Any, *, dp: int = 1, tp: int = 1, dtype: An
     return place_on_mesh(model.shard_model())
 
 
+def lazy_draft_model(draft_config: Any, *, dp: int, tp: int, mesh: Any, dtype: Any = jnp.float32,
+                     param_dtype: Any = jnp.float32, precision: Any = None, seed: int = 0) -> DFlashDraftNNX:
+    """The draft :func:`create_draft_model` builds, with abstract parameters on ``mesh`` (no array made).
+
+    For the TPU planner: ``mesh`` (easydel's axes, e.g. over a TPU topology's devices) is set
+    before ``lazy_init`` so the partition rules resolve against it; the defaults are
+    :func:`create_draft_model`'s, so the plan's parameters are the run's.
+    """
+    cfg = DFlashDraftEdConfig.from_draft_config(draft_config, dp=dp, tp=tp)
+    cfg.set_model_mesh(mesh)
+    return DFlashDraftNNX.lazy_init(config=cfg, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                                    rngs=nnx.Rngs(seed))
+
+
 def place_on_mesh(model: DFlashDraftNNX) -> DFlashDraftNNX:
     """Replicate over the mesh every parameter ``shard_model`` left on one device.
 
@@ -312,6 +326,7 @@ def param_arrays(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
     return {path: var[...] for path, var in param_variables(model)}
 
 
-__all__ = ["DFlashDraftEdConfig", "DFlashDraftNNX", "create_draft_model", "draft_partition_rules", "load_draft_state",
+__all__ = ["DFlashDraftEdConfig", "DFlashDraftNNX", "create_draft_model", "draft_partition_rules", "lazy_draft_model",
+           "load_draft_state",
            "param_arrays",
            "param_variables", "place_on_mesh", "rope_tables"]

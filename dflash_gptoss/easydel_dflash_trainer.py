@@ -48,7 +48,6 @@ import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +57,18 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset, valid_anchor_range
-from dflash_gptoss.training_data import host_batch, load_frozen_tables
+from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
+from dflash_gptoss.train_step import (
+    BATCH_SPEC,
+    FROZEN_TABLE_SPEC,
+    default_loss_decay_gamma,
+    dflash_batch_loss,
+    dflash_loss_and_metrics,
+    expected_accept_length,
+    make_train_step,
+    slot_weights,
+)
+from dflash_gptoss.training_data import anchors_per_row, host_batch, load_frozen_tables
 
 __all__ = [
     "DFlashTrainer",
@@ -140,169 +149,6 @@ class DFlashTrainingSettings:
     eval_steps: int | None = None
     keep_best: bool = False  # export the evaluation with the best held-out mean accepted length
     export_check_blocks: int = 1024  # blocks the export check proposes with the exported torch draft
-
-
-# ------------------------------------------------------------------------------- loss math
-def default_loss_decay_gamma(block_size: int) -> float:
-    """The published recipes' decay: gamma 4 for block 8, 7 for block 16 (and above)."""
-    return 4.0 if block_size <= 8 else 7.0
-
-
-def slot_weights(block_size: int, gamma: float) -> np.ndarray:
-    """Loss weight of slots 1..B-1: ``exp(-(k-1)/gamma)``; ``gamma == 0`` means uniform.
-
-    Earlier slots weigh more because acceptance stops at the first miss (DESIGN.md).
-    """
-    k = np.arange(1, block_size, dtype=np.float64)
-    if gamma < 0:
-        raise TrainerInputError(f"loss_decay_gamma={gamma} must be >= 0 (0 = uniform weights).")
-    w = np.ones_like(k) if gamma == 0 else np.exp(-(k - 1) / gamma)
-    return w.astype(np.float32)
-
-
-def expected_accept_length(slot_acc: jax.Array) -> jax.Array:
-    """``1 + sum_k prod_{j<=k} acc_j`` over slots k = 1..B-1.
-
-    ``acc_j`` is the top-1 accuracy of slot j; treating slots as independent, the
-    probability that the first k proposals are all accepted is the product, and the
-    target always adds one token (the correction or the bonus), hence the ``1 +``.
-    ``mean_accept_len`` (logged next to it) is the direct per-block figure without the
-    independence assumption: 1 + the length of each block's leading run of correct slots.
-    """
-    return 1.0 + jnp.sum(jnp.cumprod(slot_acc))
-
-
-def dflash_loss_and_metrics(
-    hidden: jax.Array,
-    target_ids: jax.Array,
-    lm_head: jax.Array,
-    weights: jax.Array,
-    anchor_weights: jax.Array,
-    *,
-    mesh: Any,
-    vocab_chunk_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted exact CE over slots 1..B-1 of ``hidden`` [b, nb, B, H] against ``target_ids[..., 1:]``.
-
-    Slot k's hidden state proposes the token AT position anchor+k (same-position prediction:
-    its label is column k of ``target_ids``, no shift). ``anchor_weights`` [b, nb] (1 = a real
-    block, 0 = a filler anchor of a window with too few response anchors) weigh the blocks in
-    every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy,
-    both acceptance-length figures and the per-block, per-slot correctness ``correct``.
-    """
-    from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy
-
-    b, nb, bs, h = hidden.shape
-    labels = target_ids[..., 1:].astype(jnp.int32)
-    nll, pred = chunked_sharded_cross_entropy(
-        hidden[:, :, 1:, :].reshape(-1, h), lm_head, labels.reshape(-1), mesh=mesh,
-        vocab_chunk_size=vocab_chunk_size, dp_axis="dp", tp_axis="tp",
-    )
-    nll = nll.reshape(b, nb, bs - 1)
-    correct = (pred.reshape(b, nb, bs - 1) == labels).astype(jnp.float32)
-    aw = anchor_weights.astype(jnp.float32)
-    blocks = jnp.maximum(jnp.sum(aw), 1.0)
-    slot_nll = jnp.sum(nll * aw[..., None], axis=(0, 1)) / blocks
-    slot_acc = jnp.sum(correct * aw[..., None], axis=(0, 1)) / blocks
-    loss = jnp.sum(weights * slot_nll) / jnp.sum(weights)
-    leading_run = jnp.sum(jnp.cumprod(correct, axis=-1), axis=-1)  # [b, nb]
-    metrics = {
-        "slot_acc": slot_acc,
-        "accuracy": jnp.mean(slot_acc),
-        "expected_accept_len": expected_accept_length(slot_acc),
-        "mean_accept_len": 1.0 + jnp.sum(leading_run * aw) / blocks,
-        "correct": correct,  # [b, nb, B-1]: per block and slot (held-out evaluation, export check)
-    }
-    return loss, metrics
-
-
-def _features_to_float(features: jax.Array) -> jax.Array:
-    """Cache features travel as bf16 bit patterns (half the host->device bytes); exact on device."""
-    if features.dtype == jnp.uint16:
-        return jax.lax.bitcast_convert_type(features, jnp.bfloat16).astype(jnp.float32)
-    return features.astype(jnp.float32)
-
-
-def _draft_hidden(module: Any, batch: dict[str, jax.Array], embed: jax.Array, mask_token_id: int) -> jax.Array:
-    """Run the draft on one (mini)batch: blocks ``[anchor, MASK*(B-1)]`` embedded with the frozen table."""
-    feats = _features_to_float(batch["context_features"])
-    target_ids, anchors = batch["target_ids"], batch["anchor_positions"]
-    b, c = feats.shape[:2]
-    bs = target_ids.shape[-1]
-    ctx_pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32)[None], (b, c))
-    tokens = jnp.concatenate(
-        [target_ids[..., :1], jnp.full((*target_ids.shape[:-1], bs - 1), mask_token_id, jnp.int32)], axis=-1)
-    block_emb = jnp.take(jax.lax.stop_gradient(embed), tokens, axis=0)
-    block_pos = anchors[..., None] + jnp.arange(bs, dtype=jnp.int32)
-    return module(feats, ctx_pos, block_emb, block_pos, anchors)
-
-
-def dflash_batch_loss(
-    module: Any,
-    batch: dict[str, jax.Array],
-    embed: jax.Array,
-    lm_head: jax.Array,
-    *,
-    mesh: Any,
-    mask_token_id: int,
-    weights: tuple[float, ...],
-    vocab_chunk_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The draft's loss and metrics on one (mini)batch: what a training step differentiates.
-
-    One function for the optimizer step and for everything that must measure the same thing
-    (the tests' gradient checks, held-out evaluation).
-    """
-    w = jnp.asarray(np.asarray(weights, dtype=np.float32))
-    hidden = _draft_hidden(module, batch, embed, mask_token_id)
-    return dflash_loss_and_metrics(hidden, batch["target_ids"], jax.lax.stop_gradient(lm_head), w,
-                                   batch["anchor_weights"], mesh=mesh, vocab_chunk_size=vocab_chunk_size)
-
-
-def dflash_training_step(
-    state: Any,
-    batch: dict[str, jax.Array],
-    embed: jax.Array,
-    lm_head: jax.Array,
-    *,
-    mesh: Any,
-    mask_token_id: int,
-    weights: tuple[float, ...],
-    vocab_chunk_size: int,
-    gradient_accumulation_steps: int,
-    scheduler: Any,
-) -> tuple[Any, Any]:
-    """One optimizer step (the function easydel's loop calls through ``configure_functions``).
-
-    Uses easydel's own ``minibatch_call`` (gradient accumulation) and
-    ``update_state_respectfully`` (optimizer update) so the state, step counter and
-    learning-rate schedule behave as in easydel's stock ``training_step``.
-    """
-    from easydel.infra.loss_utils import LossMetrics
-    from easydel.trainers.training_utils import (
-        make_assertions_and_get_sizes,
-        minibatch_call,
-        update_metrics,
-        update_state_respectfully,
-    )
-
-    _, minibatch_size, _ = make_assertions_and_get_sizes(
-        batch=batch, gradient_accumulation_steps=gradient_accumulation_steps, batch_partition_spec=P("dp"))
-
-    def loss_fn(tree: Any, minibatch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
-        loss, m = dflash_batch_loss(state.merge(tree), minibatch, embed, lm_head, mesh=mesh,
-                                    mask_token_id=mask_token_id, weights=weights, vocab_chunk_size=vocab_chunk_size)
-        other = {f"slot_acc/{k + 1}": m["slot_acc"][k] for k in range(m["slot_acc"].shape[0])}
-        other["expected_accept_len"] = m["expected_accept_len"]
-        other["mean_accept_len"] = m["mean_accept_len"]
-        return loss, LossMetrics(loss=loss, accuracy=m["accuracy"], other_metrics=other)
-
-    gradients, metrics = minibatch_call(state=state, batch=batch, minibatch_size=minibatch_size,
-                                        grad_fn=jax.value_and_grad(loss_fn, has_aux=True))
-    metrics = update_metrics(metrics=metrics, learning_rate_fn=scheduler, step=state.step, gradients=gradients)
-    metrics.grad_norms = None  # a per-parameter tree; the max/mean norms are kept
-    state = update_state_respectfully(state=state, gradients=gradients, loss_config=None, metrics=metrics)
-    return state, metrics
 
 
 # ------------------------------------------------------------------------------- the trainer
@@ -394,9 +240,9 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         self.loss_weights = tuple(float(x) for x in slot_weights(self.block_size, loss_decay_gamma))
         self.data_seed = int(seed)
         mesh = model.mesh
-        self.frozen_embed = jax.device_put(jnp.asarray(embed, jnp.float32), NamedSharding(mesh, P("tp", None)))
-        self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, P("tp", None)))
-        self.batch_sharding = NamedSharding(mesh, P("dp"))
+        self.frozen_embed = jax.device_put(jnp.asarray(embed, jnp.float32), NamedSharding(mesh, FROZEN_TABLE_SPEC))
+        self.frozen_lm_head = jax.device_put(jnp.asarray(lm_head, jnp.float32), NamedSharding(mesh, FROZEN_TABLE_SPEC))
+        self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
         self.history: list[dict[str, float]] = []
         with _resume_exactly(resume_from):
             super().__init__(arguments=arguments, model=model)
@@ -543,14 +389,10 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         from easydel.trainers.base_trainer import TrainerConfigureFunctionOutput
 
         mesh = self.model.mesh
-        replicated = NamedSharding(mesh, P())
-        table = NamedSharding(mesh, P("tp", None))
-        step = partial(dflash_training_step, mesh=mesh, mask_token_id=self.mask_token_id,
-                       weights=self.loss_weights, vocab_chunk_size=self.vocab_chunk_size,
-                       gradient_accumulation_steps=int(self.arguments.gradient_accumulation_steps),
-                       scheduler=self.scheduler)
-        train_fn = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding, table, table),
-                           out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        train_fn = make_train_step(mesh, self.state_shardings, mask_token_id=self.mask_token_id,
+                                   weights=self.loss_weights, vocab_chunk_size=self.vocab_chunk_size,
+                                   gradient_accumulation_steps=int(self.arguments.gradient_accumulation_steps),
+                                   scheduler=self.scheduler)
         self._train_shared_fn_static_args = ()
         self._train_shared_fn_extra_args = (self.frozen_embed, self.frozen_lm_head)
         self.arguments.ensure_checkpoint_path()
@@ -614,8 +456,8 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
         raise TrainerInputError(f"weight_decay={s.weight_decay} must be >= 0.")
     if s.warmup_steps < 0:
         raise TrainerInputError(f"warmup_steps={s.warmup_steps} must be >= 0.")
-    if s.loss_decay_gamma is not None:
-        slot_weights(2, s.loss_decay_gamma)
+    if s.loss_decay_gamma is not None and s.loss_decay_gamma < 0:
+        raise TrainerInputError(f"loss_decay_gamma={s.loss_decay_gamma} must be >= 0 (0 = uniform weights).")
     for name in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(s, name)).is_dir():
             raise TrainerInputError(f"{name} {getattr(s, name)} is not a directory.")
@@ -635,6 +477,44 @@ def _constant_with_warmup(learning_rate: float, warmup_steps: int) -> Any:
 
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "none"}
+
+
+def training_arguments(s: DFlashTrainingSettings, *, anchors: int, block_size: int, resume: bool = False) -> Any:
+    """easydel ``TrainingArguments`` of a run (optimizer, schedule, logging, checkpoints).
+
+    ``anchors`` (blocks per row) only sets ``max_length``, so that easydel's throughput figure is
+    supervised draft tokens per second. The TPU planner builds its optimizer from these too.
+    """
+    from easydel.trainers import TrainingArguments
+
+    return TrainingArguments(
+        save_directory=s.save_directory,
+        model_name=s.model_name,
+        max_training_steps=s.max_training_steps,
+        total_batch_size=s.total_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        scheduler=_SCHEDULES[s.lr_schedule],
+        learning_rate_end=0.0 if s.lr_schedule == "linear" else None,  # eformer: linear requires an end value
+        # eformer refuses warmup without a decaying scheduler, so "constant" brings its own warmup.
+        warmup_steps=0 if s.lr_schedule == "constant" else s.warmup_steps,
+        custom_scheduler=(_constant_with_warmup(s.learning_rate, s.warmup_steps)
+                          if s.lr_schedule == "constant" else None),
+        weight_decay=s.weight_decay,
+        optimizer="adamw",
+        log_steps=s.log_steps,
+        report_steps=s.log_steps,
+        save_steps=s.save_steps,
+        resume_if_possible=resume,  # only when build_trainer picked (and verified) a checkpoint
+        do_last_save=True,
+        use_wandb=False,
+        track_memory=False,
+        use_data_collator=False,
+        max_length=anchors * (block_size - 1),  # supervised slots per row: throughput = draft tokens/s
+        progress_bar_type=s.progress_bar,
+        shuffle_train_dataset=False,
+        do_eval=False,
+    )
 
 
 def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
@@ -732,8 +612,6 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
               block_size: int, mask_id: int, gamma: float, resume_from: Path | None,
               lock: Any, held_out: tuple[Any, Any]) -> tuple[DFlashTrainer, Any]:
     """The expensive part of :func:`build_trainer`, once every input is known to be usable."""
-    from easydel.trainers import TrainingArguments
-
     from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
 
     meta, vocab = ds.meta, int(teacher_cfg.vocab_size)
@@ -744,36 +622,8 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
     if jax.process_count() > 1:
         _rng_keys_on_mesh(model)
         _single_writer_checkpoint_files()
-    lo, hi = valid_anchor_range(int(meta["ctx_len"]), block_size)
-    nb = 1 if ds.layout == "blocks" else min(s.anchors_per_window, hi - lo + 1)
-    args = TrainingArguments(
-        save_directory=s.save_directory,
-        model_name=s.model_name,
-        max_training_steps=s.max_training_steps,
-        total_batch_size=s.total_batch_size,
-        gradient_accumulation_steps=s.gradient_accumulation_steps,
-        learning_rate=s.learning_rate,
-        scheduler=_SCHEDULES[s.lr_schedule],
-        learning_rate_end=0.0 if s.lr_schedule == "linear" else None,  # eformer: linear requires an end value
-        # eformer refuses warmup without a decaying scheduler, so "constant" brings its own warmup.
-        warmup_steps=0 if s.lr_schedule == "constant" else s.warmup_steps,
-        custom_scheduler=(_constant_with_warmup(s.learning_rate, s.warmup_steps)
-                          if s.lr_schedule == "constant" else None),
-        weight_decay=s.weight_decay,
-        optimizer="adamw",
-        log_steps=s.log_steps,
-        report_steps=s.log_steps,
-        save_steps=s.save_steps,
-        resume_if_possible=resume_from is not None,
-        do_last_save=True,
-        use_wandb=False,
-        track_memory=False,
-        use_data_collator=False,
-        max_length=nb * (block_size - 1),  # supervised slots per row: throughput = draft tokens/s
-        progress_bar_type=s.progress_bar,
-        shuffle_train_dataset=False,
-        do_eval=False,
-    )
+    nb = anchors_per_row(ds.layout, int(meta["ctx_len"]), block_size, s.anchors_per_window)
+    args = training_arguments(s, anchors=nb, block_size=block_size, resume=resume_from is not None)
     trainer = DFlashTrainer(args, model, dataset=ds, embed=embed, lm_head=lm_head, block_size=block_size,
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,

@@ -193,6 +193,42 @@ def _iter_state_dict(snapshot_dir: Path):
                 yield key, f.get_tensor(key)
 
 
+EASYDEL_MESH_AXES = ("dp", "fsdp", "ep", "tp", "sp")
+"""easydel's mesh axis names; ``dp`` x ``tp`` fill ``(dp, 1, 1, tp, 1)`` (fsdp, ep, sp unused)."""
+
+
+def lazy_easydel_gptoss(config_dir: str | Path, *, dp: int, tp: int, dtype: str,
+                        fixes: frozenset[str] | set[str] = ALL_FIXES, mesh: Any = None):
+    """easydel ``GptOssForCausalLM`` with every correction configured, parameters still abstract.
+
+    Only ``config.json`` is read (``lazy_init`` is an ``nnx.eval_shape``: no array is made), so
+    both the real load (:func:`load_easydel_gptoss`) and the TPU planner build the model here.
+    ``mesh`` (axes :data:`EASYDEL_MESH_AXES`) replaces the mesh easydel would build from
+    ``jax.devices()``; it must be set before ``lazy_init``, or easydel silently makes every axis 1.
+    """
+    import jax
+    import jax.numpy as jnp
+    from easydel.modules.gpt_oss import GptOssConfig as EdConfig
+    from easydel.modules.gpt_oss import GptOssForCausalLM as EdModel
+    from flax import nnx
+
+    config_dir = Path(config_dir)
+    jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
+    fixes = frozenset(fixes)
+    unknown = fixes - ALL_FIXES
+    if unknown:
+        raise ValueError(f"unknown fixes {sorted(unknown)}; choose from {sorted(ALL_FIXES)}")
+    install_patches()
+    hf_cfg = json.loads((config_dir / "config.json").read_text())
+    ed_cfg = EdConfig.from_pretrained(str(config_dir))
+    ed_cfg.add_basic_configurations(sharding_axis_dims=(dp, 1, 1, tp, 1), **config_kwargs(dtype, fixes))
+    configure(ed_cfg, hf_cfg, fixes)
+    if mesh is not None:
+        ed_cfg.set_model_mesh(mesh)
+    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+    return EdModel.lazy_init(config=ed_cfg, dtype=jdt, param_dtype=jdt, precision=precision, rngs=nnx.Rngs(0))
+
+
 def load_easydel_gptoss(snapshot_dir: str | Path, *, dp: int, tp: int, dtype: str,
                         fixes: frozenset[str] | set[str] = ALL_FIXES):
     """easydel ``GptOssForCausalLM`` built from a snapshot, weights read from safetensors and sharded.
@@ -203,30 +239,14 @@ def load_easydel_gptoss(snapshot_dir: str | Path, *, dp: int, tp: int, dtype: st
     read tensor by tensor from the safetensors files, MXFP4 experts dequantized exactly, and
     converted with easydel's own name/layout transform and shard functions.
     """
-    import jax
-    import jax.numpy as jnp
-    from easydel.modules.gpt_oss import GptOssConfig as EdConfig
-    from easydel.modules.gpt_oss import GptOssForCausalLM as EdModel
     from easydel.utils.traversals import flatten_dict, merge_model_and_tree, unflatten_dict
-    from flax import nnx
 
     snapshot_dir = Path(snapshot_dir)
-    jdt = jnp.float32 if dtype == "float32" else jnp.bfloat16
-    fixes = frozenset(fixes)
-    unknown = fixes - ALL_FIXES
-    if unknown:
-        raise ValueError(f"unknown fixes {sorted(unknown)}; choose from {sorted(ALL_FIXES)}")
-    install_patches()
-    hf_cfg = json.loads((snapshot_dir / "config.json").read_text())
-    ed_cfg = EdConfig.from_pretrained(str(snapshot_dir))
-    ed_cfg.add_basic_configurations(sharding_axis_dims=(dp, 1, 1, tp, 1), **config_kwargs(dtype, fixes))
-    configure(ed_cfg, hf_cfg, fixes)
-    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
-    model = EdModel.lazy_init(config=ed_cfg, dtype=jdt, param_dtype=jdt, precision=precision, rngs=nnx.Rngs(0))
+    model = lazy_easydel_gptoss(snapshot_dir, dp=dp, tp=tp, dtype=dtype, fixes=fixes)
     # easydel's converter looks shard functions up by FLAT key tuples; ``_shard_fns`` is nested, so
     # passed as is nothing matches and every weight lands unsharded on one device (a TPU chip would
     # have to hold the whole teacher). Flattened, each weight is placed by its partition rule as it
-    # is converted.
+    # is converted (tests/test_tpu_plan.py checks the placement against the TPU planner's).
     transform = model._build_transform_fn(shard_fns=flatten_dict(model._shard_fns))
     params: dict = {}
     for group in _layer_groups(_iter_state_dict(snapshot_dir)):
@@ -280,4 +300,5 @@ def decoder_forward(model, input_ids, layer_ids: tuple[int, ...]):
     return [outs[i] for i in layer_ids], logits
 
 
-__all__ = ["ALL_FIXES", "config_kwargs", "configure", "decoder_forward", "install_patches", "load_easydel_gptoss"]
+__all__ = ["ALL_FIXES", "EASYDEL_MESH_AXES", "config_kwargs", "configure", "decoder_forward", "install_patches",
+           "lazy_easydel_gptoss", "load_easydel_gptoss"]

@@ -53,7 +53,10 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def _e2m1_nearest(x: np.ndarray) -> np.ndarray:
     """Index (0..15) of the e2m1 value nearest to ``x`` (|x| <= 6), ties to the even mantissa."""
     mags = FP4_VALUES[:8]
-    mag_idx = np.abs(np.abs(x)[..., None] - mags).argmin(axis=-1)  # first (lower) on ties
+    # Nearest magnitude = how many midpoints lie strictly below |x|: a tie (|x| on a midpoint) goes
+    # to the lower value, as argmin over the distances would (they are exact: Sterbenz). One pass,
+    # no [..., 8] distance array (the real-width snapshot quantizes ~10^9 values).
+    mag_idx = np.searchsorted((mags[:-1] + mags[1:]) / 2, np.abs(x), side="left")
     return np.where(np.signbit(x) & (mag_idx > 0), mag_idx + 8, mag_idx).astype(np.uint8)
 
 
@@ -78,6 +81,17 @@ def quantize_mxfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(blocks), np.ascontiguousarray(exp + 127, dtype=np.uint8)
 
 
+def checkpoint_tensors(name: str, t) -> dict:
+    """One float parameter as the real snapshots store it: expert weights as ``<name>_blocks`` +
+    ``<name>_scales`` (MXFP4, uint8), every other tensor in bf16 (torch tensors)."""
+    import torch
+
+    if name.split(".")[-1] in EXPERT_PROJS:
+        blocks, scales = quantize_mxfp4(t.float().numpy())
+        return {name + "_blocks": torch.from_numpy(blocks), name + "_scales": torch.from_numpy(scales)}
+    return {name: t.to(torch.bfloat16).contiguous()}
+
+
 def write_mxfp4_snapshot(src_snapshot_dir: str | Path, dst_dir: str | Path) -> Path:
     """Write an MXFP4 copy of a float GPT-OSS snapshot, laid out like ``openai/gpt-oss-20b``.
 
@@ -85,7 +99,6 @@ def write_mxfp4_snapshot(src_snapshot_dir: str | Path, dst_dir: str | Path) -> P
     stored in bf16 (as in the real snapshot); ``config.json`` gains gpt-oss-20b's
     ``quantization_config``. Other files (tokenizer, generation config) are copied.
     """
-    import torch
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src_snapshot_dir), Path(dst_dir)
@@ -95,11 +108,7 @@ def write_mxfp4_snapshot(src_snapshot_dir: str | Path, dst_dir: str | Path) -> P
         tensors.update(load_file(str(file)))
     out: dict = {}
     for name, t in tensors.items():
-        if name.split(".")[-1] in EXPERT_PROJS:
-            blocks, scales = quantize_mxfp4(t.float().numpy())
-            out[name + "_blocks"], out[name + "_scales"] = torch.from_numpy(blocks), torch.from_numpy(scales)
-        else:
-            out[name] = t.to(torch.bfloat16).contiguous()
+        out.update(checkpoint_tensors(name, t))
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = dict(QUANTIZATION_CONFIG)

@@ -73,6 +73,12 @@ def load_target(snapshot_dir: str | Path, *, dtype: torch.dtype = torch.float32,
 
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if dtype == torch.float32:
+        # transformers dequantizes MXFP4 experts to bf16 whatever ``dtype`` says: a float32 target would
+        # silently run its experts in bf16 (and on CPU ~200x slower: bf16 grouped_mm has no fast kernel).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -65,6 +65,36 @@ def validate_layout(cfg: dict[str, Any], layer_ids: list[int], dp: int, tp: int,
                          "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
 
 
+def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: Any) -> tuple[Any, Any]:
+    """The cache builder's jitted teacher forward and the sharding of its ``input_ids`` (dp rows).
+
+    ``fn(state, input_ids int32 [b, T]) -> (features [b, T, K*H] in dtype, labels int32 [b, T])``:
+    the outputs of ``layer_ids`` concatenated, and the argmax of the logits, both on device.
+    One definition for the real build (:class:`JaxTeacher`) and the TPU planner
+    (:mod:`dflash_gptoss.tpu_plan`), so a plan compiles exactly what a build runs.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
+
+    layer_ids = tuple(int(i) for i in layer_ids)
+    out_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
+    ids_sharding = NamedSharding(mesh, PartitionSpec("dp", None))
+    feat_sharding = NamedSharding(mesh, PartitionSpec("dp", None, None))
+
+    def _fwd(state, input_ids):
+        model = nnx.merge(graphdef, state)
+        feats, logits = decoder_forward(model, input_ids, layer_ids)
+        features = jnp.concatenate([f.astype(out_dtype) for f in feats], axis=-1)
+        labels = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
+        return features, labels
+
+    return jax.jit(_fwd, out_shardings=(feat_sharding, ids_sharding)), ids_sharding
+
+
 class JaxTeacher:
     """easydel GPT-OSS teacher, jitted and sharded over a ``dp`` x ``tp`` mesh.
 
@@ -95,29 +125,17 @@ class JaxTeacher:
         import jax
         import jax.numpy as jnp
         from flax import nnx
-        from jax.sharding import NamedSharding, PartitionSpec
 
         from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
 
         graphdef, state = nnx.split(self.model)
-        layer_ids = tuple(self.layer_ids)
-        out_dtype = jnp.float32 if self.dtype == "float32" else jnp.bfloat16
         self._state = state
-        self._in_sharding = NamedSharding(self.mesh, PartitionSpec("dp", None))
-        feat_sharding = NamedSharding(self.mesh, PartitionSpec("dp", None, None))
-
-        def _fwd(state, input_ids):
-            model = nnx.merge(graphdef, state)
-            feats, logits = decoder_forward(model, input_ids, layer_ids)
-            features = jnp.concatenate([f.astype(out_dtype) for f in feats], axis=-1)
-            labels = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-            return features, labels
+        self._fwd, self._in_sharding = teacher_forward_fn(graphdef, self.layer_ids, self.dtype, self.mesh)
 
         def _logits(state, input_ids):
             model = nnx.merge(graphdef, state)
             return decoder_forward(model, input_ids, ())[1].astype(jnp.float32)
 
-        self._fwd = jax.jit(_fwd, out_shardings=(feat_sharding, self._in_sharding))
         self._logits = jax.jit(_logits)
 
     def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

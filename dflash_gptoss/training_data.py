@@ -48,6 +48,30 @@ def anchor_positions_for_step(ctx_len: int, block_size: int, anchors_per_window:
     return (picks + lo).astype(np.int32), weights.astype(np.float32)
 
 
+def anchors_per_row(layout: str, ctx_len: int, block_size: int, anchors_per_window: int) -> int:
+    """Blocks per cache row in a step: 1 in ``blocks``, else ``anchors_per_window`` capped by the valid anchors."""
+    if layout == "blocks":
+        return 1
+    lo, hi = valid_anchor_range(ctx_len, block_size)
+    return min(int(anchors_per_window), hi - lo + 1)
+
+
+def step_batch_shapes(rows: int, *, ctx_len: int, features_width: int, anchors: int,
+                      block_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """``{name: (shape, dtype)}`` of the global batch one step reads (what :func:`host_batch` builds).
+
+    ``rows`` = total_batch_size x gradient accumulation; ``features_width`` = K x H; ``anchors``
+    from :func:`anchors_per_row`. Features travel as bf16 bit patterns (uint16). The TPU planner
+    compiles the step on these shapes.
+    """
+    return {
+        "context_features": ((rows, ctx_len, features_width), np.uint16),
+        "target_ids": ((rows, anchors, block_size), np.int32),
+        "anchor_positions": ((rows, anchors), np.int32),
+        "anchor_weights": ((rows, anchors), np.float32),
+    }
+
+
 def host_batch(ds: DFlashCacheDataset, rows: np.ndarray, *, block_size: int, anchors_per_window: int,
                seed: int, step: int, row_offset: int = 0, global_rows: int | None = None) -> dict[str, np.ndarray]:
     """One host's numpy batch in the layout-independent form the step function reads.

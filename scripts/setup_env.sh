@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment .venv inside the repo, idempotently.
 #
-# Installs the package in editable mode with every extra (torch side, JAX/EasyDeL side,
-# Modal, dev tools) into ONE environment: easydel 0.3.0 pins transformers~=5.5 and
+# Installs the package in editable mode with every extra (torch side, JAX/EasyDeL side, libtpu
+# for the TPU planner, Modal, dev tools) into ONE environment: easydel 0.3.0 pins transformers~=5.5 and
 # flax==0.12.3, and the torch side uses the same transformers.
 # Torch: when this machine's pip offers a torch wheel locally (its find-links, e.g. a CPU
 # build), that one is used; otherwise pip installs torch the normal way from the index.
@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     echo "[setup] torch: no local wheel offered; installing from the package index"
   fi
 fi
-echo "[setup] installing dflash_gptoss with extras torch,jax,modal,dev (a few minutes the first time)"
-"$VENV/bin/pip" install -q -e "$REPO[torch,jax,modal,dev]"
+echo "[setup] installing dflash_gptoss with extras torch,jax,tpu-plan,modal,dev (a few minutes the first time)"
+"$VENV/bin/pip" install -q -e "$REPO[torch,jax,tpu-plan,modal,dev]"
 echo "$want" > "$stamp"
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, jax, easydel; print(f"torch {torch.__version__}, transformers {transformers.__version__}, jax {jax.__version__}, easydel {easydel.__version__}")' 2>/dev/null | tail -1)"

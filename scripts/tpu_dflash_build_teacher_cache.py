@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dflash_gptoss.cache_data import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
+from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar.")
     add_distributed_args(p)
+    add_plan_arguments(p)
     p.epilog += (
         " Multi-host: every host runs the same command (add --coordinator-address/--num-processes/--process-id, "
         "or --distributed-auto); --dp x --tp spans all hosts' devices, each host feeds and writes only the rows "
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.plan_tpu:  # plan for a named TPU instead of building: no data read, nothing written but the plan
+        return run_plans(args, args.plan_tpu, ("cache",), args.plan_json)
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
     from dflash_gptoss.cache_builder import load_teacher, open_out_dir, plan_teacher_cache, run_plan
     from dflash_gptoss.cache_format import bytes_per_window

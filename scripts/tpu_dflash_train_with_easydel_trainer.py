@@ -17,6 +17,7 @@ from dflash_gptoss.cli_types import non_negative_float as _non_negative_float  #
 from dflash_gptoss.cli_types import positive_float as _positive_float  # noqa: E402
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
+from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(within 0.02) and slot accuracies (within 0.01) before the export is put in place; "
                         "held-out blocks when --eval-cache-dir is given, else training-cache blocks.")
     add_distributed_args(p)
+    add_plan_arguments(p, geometry=True)
     return p
 
 
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--warmup-steps {args.warmup_steps} must be >= 0")
     if args.total_batch_size % args.dp:
         parser.error(f"--total-batch-size {args.total_batch_size} is not divisible by --dp {args.dp}")
+    if args.plan_tpu:  # plan for a named TPU instead of training: no cache or weights read, nothing written
+        return run_plans(args, args.plan_tpu, ("train",), args.plan_json)
     for flag in ("cache_dir", "teacher_snapshot_dir"):
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")

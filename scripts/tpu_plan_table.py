@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Print the README's TPU-plan table from plan JSON files (``--plan-json`` output), one row per plan.
+
+  python scripts/tpu_plan_table.py artifacts/tpu_plan/*.json
+A file holding {"cache": ..., "train": ...} (scripts/plan_tpu_run.py) gives one row per step;
+``FILE=note`` puts a note in the row's last column.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dflash_gptoss.tpu_plan_cli import TABLE_HEADER, table_row  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    print(TABLE_HEADER)
+    for arg in args:
+        path, _, note = arg.partition("=")
+        if not Path(path).is_file():
+            print(f"error: {path} is not a file", file=sys.stderr)
+            return 2
+        doc = json.loads(Path(path).read_text())
+        for plan in ([doc] if "step" in doc else doc.values()):
+            print(table_row(plan, note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
