@@ -62,9 +62,6 @@ from dflash_gptoss.train_step import (
     BATCH_SPEC,
     FROZEN_TABLE_SPEC,
     default_loss_decay_gamma,
-    dflash_batch_loss,
-    dflash_loss_and_metrics,
-    expected_accept_length,
     make_train_step,
     slot_weights,
 )
@@ -75,13 +72,9 @@ __all__ = [
     "DFlashTrainingSettings",
     "TrainerInputError",
     "build_trainer",
-    "dflash_batch_loss",
     "export_checkpoint",
     "latest_checkpoint",
     "run_training",
-    "dflash_loss_and_metrics",
-    "expected_accept_length",
-    "slot_weights",
 ]
 
 

@@ -188,7 +188,7 @@ class HeldoutEvaluator:
                  graph_shardings: Any, table_sharding: Any, loss_kwargs: dict[str, Any]) -> None:
         import jax
 
-        from dflash_gptoss.easydel_dflash_trainer import dflash_batch_loss
+        from dflash_gptoss.train_step import dflash_batch_loss
 
         self.eval_set, self.embed, self.lm_head, self.batch_sharding = eval_set, embed, lm_head, batch_sharding
         graphdef, graphother = state.graphdef, state.graphother

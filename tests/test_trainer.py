@@ -79,7 +79,7 @@ def _first_batch_grads(trainer) -> tuple[float, dict[tuple[str, ...], np.ndarray
     import jax
     from flax import nnx
 
-    from dflash_gptoss.easydel_dflash_trainer import dflash_batch_loss
+    from dflash_gptoss.train_step import dflash_batch_loss
 
     batch, state = next(trainer._stream()), trainer.model_state
 
@@ -244,7 +244,7 @@ def test_gradient_accumulation_equals_one_big_batch(caches, tiny_teacher_dir, tm
 
 def test_anchor_sampling_and_loss_weights() -> None:
     from dflash_gptoss.easydel_dflash_cache import response_anchor_mask
-    from dflash_gptoss.easydel_dflash_trainer import expected_accept_length, slot_weights
+    from dflash_gptoss.train_step import expected_accept_length, slot_weights
     from dflash_gptoss.training_data import anchor_positions_for_step
 
     a, w = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
