@@ -80,6 +80,19 @@ def read_holder(directory: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+HOLDER_WAIT_S = 5.0
+"""How long a refused job waits for the holder's line: the holder writes it right after taking the lock,
+but a process descheduled in between (a busy single core) leaves the file empty for a moment."""
+
+
+def _wait_for_holder(directory: Path) -> dict[str, Any] | None:
+    """The holder line, re-read for up to :data:`HOLDER_WAIT_S` while it is absent or half-written."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while (holder := read_holder(directory)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return holder
+
+
 def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "another process (its holder line is not written yet)"
@@ -103,7 +116,7 @@ def acquire(directory: str | os.PathLike, purpose: str) -> DirLock:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         raise LockHeldError(
-            f"{path} is in use by {_describe(read_holder(path))}. Two jobs writing one folder would mix their "
+            f"{path} is in use by {_describe(_wait_for_holder(path))}. Two jobs writing one folder would mix their "
             "files; wait for that job to finish (or stop it), or choose another folder.") from None
     line = (json.dumps(holder_info(purpose)) + "\n").encode()
     os.ftruncate(fd, 0)

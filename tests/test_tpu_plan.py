@@ -34,8 +34,16 @@ pytest.importorskip("easydel")
 if importlib.util.find_spec("libtpu") is None:  # pragma: no cover - a broken set-up, not a reason to skip
     pytest.fail("libtpu is not installed: bash scripts/setup_env.sh installs it (extra 'tpu-plan')", pytrace=False)
 
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences libtpu's "no TPU here" notices only
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_libtpu():
+    """Silence libtpu's "no TPU here" notices in this module's compiles only: set at import time these
+    variables leaked into the whole session, where a cluster check (test_multihost) reads them."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_ACCELERATOR_TYPE", "v5litepod-8")):
+            if name not in os.environ:
+                mp.setenv(name, value)
+        yield
 
 REPO = Path(__file__).resolve().parents[1]
 TOPOLOGY = "v5litepod-8"
