@@ -1,7 +1,7 @@
 """Nothing lost, nothing silent: one test per fault class, each asserting the exact error and that
 nothing already made was lost.
 
-* exclusive writers: two real processes on one folder (two trainer CLIs at once; a live lock holder
+* exclusive writers: two real processes on one folder (a second trainer CLI while the first holds it; a live lock holder
   and, after SIGKILL, its stale lock taken over);
 * disk full: the cache's space is reserved before the teacher runs (a disk too small is refused at
   once, a disk that fills later is one clear error and a resumable cache), a checkpoint save that
@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,17 +153,37 @@ def _copy(src: Path, dst: Path) -> Path:
 
 # ----------------------------------------------------------------------------------- exclusive writers
 def test_two_trainers_on_one_run_folder_exactly_one_runs(cache, tiny_teacher_dir, tmp_path: Path) -> None:
-    """Two real trainer CLIs started together on one --save-directory/--model-name: one trains, the other is
-    refused at once naming the first's pid, and the winner's checkpoints are whole (verified)."""
+    """Two real trainer CLIs on one --save-directory/--model-name: while the first holds the folder the
+    second is refused at once naming the first's pid, and the first's checkpoints are whole (verified).
+
+    The overlap is made certain, not hoped for: started together, the second may reach the lock only
+    after the first has trained, saved and exited (a busy 2-core CI machine did exactly that, and the
+    second was then refused for the checkpoints instead). So the first is frozen with SIGSTOP once its
+    holder line names it, the second runs to its refusal, and the first is resumed with SIGCONT."""
     save = tmp_path / "ckpt"
-    procs = [subprocess.Popen(_train_cli(cache, tiny_teacher_dir, save), env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], [o[1][-2000:] for o in outs]
-    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
-    line = _error_line(outs[loser][1])
-    assert f"is in use by pid {procs[winner].pid} on host" in line and "draft training" in line, line
+    first = subprocess.Popen(_train_cli(cache, tiny_teacher_dir, save), env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while (read_holder(save / "m") or {}).get("pid") != first.pid:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first trainer never took the run folder's lock"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = subprocess.run(_train_cli(cache, tiny_teacher_dir, save), env=ENV, capture_output=True,
+                                    text=True, timeout=600)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = _error_line(second.stderr)
+    assert f"is in use by pid {first.pid} on host" in line and "draft training" in line, line
     from dflash_gptoss.checkpoints import checkpoints, verify_checkpoint
 
     assert [p.name for p in checkpoints(save / "m")] == ["run-1", "run-2"]
