@@ -61,8 +61,8 @@ from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDa
 from dflash_gptoss.train_step import (
     BATCH_SPEC,
     FROZEN_TABLE_SPEC,
-    default_loss_decay_gamma,
     make_train_step,
+    resolve_loss_decay_gamma,
     slot_weights,
 )
 from dflash_gptoss.training_data import anchors_per_row, host_batch, load_frozen_tables
@@ -127,7 +127,7 @@ class DFlashTrainingSettings:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     num_draft_layers: int = 1
-    loss_decay_gamma: float | None = None  # None: default_loss_decay_gamma(block_size)
+    loss_decay_gamma: float | None = None  # None: train_step.default_loss_decay_gamma(block_size)
     anchors_per_window: int = 16
     block_size: int | None = None
     mask_token_id: int | None = None
@@ -545,7 +545,7 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     draft_config = make_draft_config(teacher_cfg, num_hidden_layers=s.num_draft_layers, block_size=block_size,
                                      mask_token_id=mask_id, layer_ids=list(meta["target_layer_ids"]))
     ds.validate(draft_config=draft_config)  # block size / layer ids / hidden size vs the cache
-    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(block_size)
+    gamma = resolve_loss_decay_gamma(s.loss_decay_gamma, block_size)
     held_out = _held_out(s, ds, block_size)
     lock, resume_from = _claim_run_folder(s, draft_config, ds, gamma)
     try:

@@ -2,8 +2,8 @@
 
 The invariant: a plan compiles **what the run executes**, never a model of it. The cache step is
 the builder's jitted teacher forward (:func:`dflash_gptoss.teacher_jax.teacher_forward_fn`), the
-training step is the trainer's jitted optimizer step (:func:`dflash_gptoss.easydel_dflash_trainer.
-make_train_step`), both with the run's shardings on a mesh over the devices of a TPU topology from
+training step is the trainer's jitted optimizer step (:func:`dflash_gptoss.train_step.make_train_step`),
+both with the run's shardings on a mesh over the devices of a TPU topology from
 ``jax.experimental.topologies`` (libtpu compiles for it; no chip is needed). Parameters, optimizer
 state, batch and frozen tables are abstract (``jax.ShapeDtypeStruct`` with a ``NamedSharding``):
 no weight is read, ``config.json`` alone is enough, and nothing is written but the plan.
@@ -34,7 +34,6 @@ HIGHEST_PRECISION_PASSES = 6
 """bfloat16 MXU passes per float32 product at ``Precision.HIGHEST`` on TPU (``jax.lax.Precision``'s
 docstring). The float32 teacher runs at HIGHEST (``easydel_gptoss_fixes.lazy_easydel_gptoss``), so its
 time estimate counts each FLOP six times; bf16 and DEFAULT-precision programs count it once."""
-
 
 
 def matmul_passes(step: str, dtype: str) -> int:
@@ -535,8 +534,8 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
     from dflash_gptoss.train_step import (
         BATCH_SPEC,
         FROZEN_TABLE_SPEC,
-        default_loss_decay_gamma,
         make_train_step,
+        resolve_loss_decay_gamma,
         slot_weights,
     )
     from dflash_gptoss.training_data import anchors_per_row, step_batch_shapes
@@ -559,7 +558,7 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
                                            graphother=go, tx=tx, init_opt_state=True), graphstate, graphother)
     shardings = easydel_state_shardings(shapes, model._get_partition_rules(None), mesh)
     state = with_shardings(shapes, shardings)
-    gamma = s.loss_decay_gamma if s.loss_decay_gamma is not None else default_loss_decay_gamma(geo.block_size)
+    gamma = resolve_loss_decay_gamma(s.loss_decay_gamma, geo.block_size)
     fn = make_train_step(mesh, shardings, mask_token_id=mask_id,
                          weights=tuple(float(w) for w in slot_weights(geo.block_size, gamma)),
                          vocab_chunk_size=s.vocab_chunk_size,

@@ -26,6 +26,14 @@ def default_loss_decay_gamma(block_size: int) -> float:
     return 4.0 if block_size <= 8 else 7.0
 
 
+def resolve_loss_decay_gamma(gamma: float | None, block_size: int) -> float:
+    """A run's gamma: the one given (``--loss-decay-gamma``), else :func:`default_loss_decay_gamma`.
+
+    One rule for the trainer and the TPU planner, so a plan compiles the run's loss weights.
+    """
+    return default_loss_decay_gamma(block_size) if gamma is None else gamma
+
+
 def slot_weights(block_size: int, gamma: float) -> np.ndarray:
     """Loss weight of slots 1..B-1: ``exp(-(k-1)/gamma)``; ``gamma == 0`` means uniform.
 
@@ -207,4 +215,4 @@ def make_train_step(mesh: Any, state_shardings: Any, *, mask_token_id: int, weig
 
 __all__ = ["BATCH_SPEC", "FROZEN_TABLE_SPEC", "default_loss_decay_gamma", "dflash_batch_loss",
            "dflash_loss_and_metrics", "dflash_training_step", "expected_accept_length", "make_train_step",
-           "slot_weights"]
+           "resolve_loss_decay_gamma", "slot_weights"]
