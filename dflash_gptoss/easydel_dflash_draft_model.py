@@ -171,24 +171,36 @@ class DFlashAttention(nnx.Module):
     def __call__(self, block: jax.Array, context: jax.Array, block_positions: jax.Array,
                  context_positions: jax.Array, anchor_positions: jax.Array,
                  rope: tuple[jax.Array, float]) -> jax.Array:
-        """``block`` [b, nb, B, H], ``context`` [b, C, H] -> [b, nb, B, H]."""
+        """``block`` [b, nb, B, H], ``context`` [b, C, H] -> [b, nb, B, H].
+
+        Computed head-major (``[b, kv_heads, ...]``, each kv head's query group folded into the
+        rows), so every product is one batched matmul over ``(b, kv_heads)`` and the backward pass
+        needs few layout copies; the softmax over ``[context || own block]`` is written out with a
+        stop-gradient max (exact: softmax does not depend on the shift), which spares the backward
+        pass a concatenation of both score tensors. On the demo's shapes on a 2-core CPU this is
+        ~3x faster forward and backward than the same math as 6-d einsums over concatenated scores.
+        """
         b, nb, bs, _ = block.shape
-        groups = self.num_heads // self.num_kv_heads
-        q = self.q_norm(self.q_proj(block).reshape(b, nb, bs, self.num_heads, self.head_dim))
-        q = apply_rope(q, block_positions, *rope).reshape(b, nb, bs, self.num_kv_heads, groups, self.head_dim)
-        k_ctx, v_ctx = self._kv(context, context_positions, rope)  # [b, C, kv, d]
-        k_blk, v_blk = self._kv(block, block_positions, rope)  # [b, nb, B, kv, d]
-        f32 = jnp.float32
-        scale = 1.0 / np.sqrt(self.head_dim)
-        s_ctx = jnp.einsum("bnqkgd,bckd->bnqkgc", q.astype(f32), k_ctx.astype(f32)) * scale
-        s_blk = jnp.einsum("bnqkgd,bnpkd->bnqkgp", q.astype(f32), k_blk.astype(f32)) * scale
-        visible = context_positions[:, None, :] < anchor_positions[:, :, None]  # [b, nb, C]
-        s_ctx = jnp.where(visible[:, :, None, None, None, :], s_ctx, -jnp.inf)
-        probs = jax.nn.softmax(jnp.concatenate([s_ctx, s_blk], axis=-1), axis=-1)  # own block: never empty
+        kv, d, groups = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
         c = context.shape[1]
-        out = (jnp.einsum("bnqkgc,bckd->bnqkgd", probs[..., :c], v_ctx.astype(f32))
-               + jnp.einsum("bnqkgp,bnpkd->bnqkgd", probs[..., c:], v_blk.astype(f32)))
-        return self.o_proj(out.reshape(b, nb, bs, self.num_heads * self.head_dim).astype(block.dtype))
+        f32 = jnp.float32
+        q = self.q_norm(self.q_proj(block).reshape(b, nb, bs, self.num_heads, d))
+        q = apply_rope(q, block_positions, *rope).astype(f32) * (1.0 / np.sqrt(d))
+        q = q.reshape(b, nb, bs, kv, groups, d).transpose(0, 3, 1, 2, 4, 5).reshape(b, kv, nb, bs * groups, d)
+        k_ctx, v_ctx = (t.astype(f32).transpose(0, 2, 1, 3) for t in self._kv(context, context_positions, rope))
+        k_blk, v_blk = (t.astype(f32).transpose(0, 3, 1, 2, 4) for t in self._kv(block, block_positions, rope))
+        # k_ctx/v_ctx [b, kv, C, d]; k_blk/v_blk [b, kv, nb, B, d]; q [b, kv, nb, B*groups, d]
+        hidden_ctx = jnp.where(context_positions[:, None, :] < anchor_positions[:, :, None], 0.0, -jnp.inf)
+        s_ctx = jnp.einsum("bkqd,bkcd->bkqc", q.reshape(b, kv, nb * bs * groups, d), k_ctx)
+        s_ctx = s_ctx.reshape(b, kv, nb, bs * groups, c) + hidden_ctx.astype(f32)[:, None, :, None, :]
+        s_blk = jnp.einsum("bknqd,bknpd->bknqp", q, k_blk)  # own block: never empty, so the max is finite
+        top = jax.lax.stop_gradient(jnp.maximum(s_ctx.max(-1, keepdims=True), s_blk.max(-1, keepdims=True)))
+        e_ctx, e_blk = jnp.exp(s_ctx - top), jnp.exp(s_blk - top)
+        total = e_ctx.sum(-1, keepdims=True) + e_blk.sum(-1, keepdims=True)
+        out = (jnp.einsum("bkqc,bkcd->bkqd", e_ctx.reshape(b, kv, nb * bs * groups, c), v_ctx)
+               .reshape(b, kv, nb, bs * groups, d) + jnp.einsum("bknqp,bknpd->bknqd", e_blk, v_blk)) / total
+        out = out.reshape(b, kv, nb, bs, groups, d).transpose(0, 2, 3, 1, 4, 5)
+        return self.o_proj(out.reshape(b, nb, bs, self.num_heads * d).astype(block.dtype))
 
 
 class DFlashMLP(nnx.Module):
