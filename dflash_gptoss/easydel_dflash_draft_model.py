@@ -177,8 +177,9 @@ class DFlashAttention(nnx.Module):
         rows), so every product is one batched matmul over ``(b, kv_heads)`` and the backward pass
         needs few layout copies; the softmax over ``[context || own block]`` is written out with a
         stop-gradient max (exact: softmax does not depend on the shift), which spares the backward
-        pass a concatenation of both score tensors. On the demo's shapes on a 2-core CPU this is
-        ~3x faster forward and backward than the same math as 6-d einsums over concatenated scores.
+        pass a concatenation of both score tensors. On the demo's shapes on a 2-core CPU the attention's
+        forward+backward is ~3x faster than the same math as 6-d einsums over concatenated scores; the
+        whole training step, ~9% (artifacts/dflash_bench/tiny_acceptance/README.md, rows 17-21).
         """
         b, nb, bs, _ = block.shape
         kv, d, groups = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
@@ -190,9 +191,10 @@ class DFlashAttention(nnx.Module):
         k_ctx, v_ctx = (t.astype(f32).transpose(0, 2, 1, 3) for t in self._kv(context, context_positions, rope))
         k_blk, v_blk = (t.astype(f32).transpose(0, 3, 1, 2, 4) for t in self._kv(block, block_positions, rope))
         # k_ctx/v_ctx [b, kv, C, d]; k_blk/v_blk [b, kv, nb, B, d]; q [b, kv, nb, B*groups, d]
-        hidden_ctx = jnp.where(context_positions[:, None, :] < anchor_positions[:, :, None], 0.0, -jnp.inf)
+        # additive mask [b, nb, C]: 0 where block j may see the context position (< its anchor), else -inf
+        ctx_bias = jnp.where(context_positions[:, None, :] < anchor_positions[:, :, None], 0.0, -jnp.inf).astype(f32)
         s_ctx = jnp.einsum("bkqd,bkcd->bkqc", q.reshape(b, kv, nb * bs * groups, d), k_ctx)
-        s_ctx = s_ctx.reshape(b, kv, nb, bs * groups, c) + hidden_ctx.astype(f32)[:, None, :, None, :]
+        s_ctx = s_ctx.reshape(b, kv, nb, bs * groups, c) + ctx_bias[:, None, :, None, :]
         s_blk = jnp.einsum("bknqd,bknpd->bknqp", q, k_blk)  # own block: never empty, so the max is finite
         top = jax.lax.stop_gradient(jnp.maximum(s_ctx.max(-1, keepdims=True), s_blk.max(-1, keepdims=True)))
         e_ctx, e_blk = jnp.exp(s_ctx - top), jnp.exp(s_blk - top)
