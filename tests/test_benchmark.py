@@ -282,3 +282,52 @@ def test_modal_app_builds_without_network_and_checks_outputs_before_the_gpu(tmp_
             entrypoint(**kwargs)
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_sampling_flags_are_refused_before_model_work(tmp_path, capsys, no_model_loads):
+    base = ["--target", "tiny", "--out-dir", str(tmp_path)]
+    cases = [
+        (["--temperature", "-0.5"], "error: --temperature must be a finite number >= 0 (0 = greedy), got -0.5."),
+        (["--temperature", "nan"], "error: --temperature must be a finite number >= 0 (0 = greedy), got nan."),
+        (["--temperature", "1", "--top-p", "0"], "error: --top-p must be in (0, 1] (1 = no cut), got 0.0."),
+        (["--temperature", "1", "--top-p", "1.5"], "error: --top-p must be in (0, 1] (1 = no cut), got 1.5."),
+        (["--top-p", "0.9"], "error: --top-p 0.9 needs --temperature > 0"),
+        (["--temperature", "0", "--top-p", "0.9"], "error: --top-p 0.9 needs --temperature > 0"),
+        (["--temperature", "1", "--draft", "oracle", "--draft-sample", "sample"],
+         "error: --draft-sample sample needs a draft with a distribution to sample; the oracle"),
+        (["--draft-sample", "sample"], "error: --draft-sample sample needs --temperature > 0"),
+    ]
+    for extra, message in cases:
+        assert dflash_benchmark.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())  # no report started
+
+
+def test_cli_at_temperature_one_reports_the_distribution_guarantee(tiny_teacher_dir, tmp_path, capsys):
+    args = ["--target", str(tiny_teacher_dir), "--num-prompts", "2", "--max-new-tokens", "24", "--block-size", "4",
+            "--repeats", "2", "--no-warmup", "--temperature", "1.0", "--seed", "3", "--out-dir", str(tmp_path)]
+    for draft, mode in (("oracle", "greedy"), ("random", "sample")):
+        assert dflash_benchmark.main([*args, "--draft", draft, "--draft-sample", mode,
+                                      "--report-name", f"{draft}_{mode}"]) == 0
+        out = capsys.readouterr().out
+        assert "lossless: in distribution (T > 0), not checked per prompt" in out
+        assert f"decoding: temperature 1.0, draft proposals: {mode}" in out
+        report = json.loads((tmp_path / f"{draft}_{mode}.json").read_text())
+        assert report["guarantee"] == "distribution" and report["lossless_all"] is None
+        assert report["lossless_prompts"] is None and report["mismatched_prompts"] == []
+        s = report["settings"]
+        assert (s["temperature"], s["top_p"], s["draft_sample"], s["seed"]) == (1.0, None, mode, 3)
+        # Each repeat of a prompt draws from the same seeded generator: the same samples, so the same work.
+        assert report["acceptance_same_every_repeat"]
+        slots = report["acceptance_probability_per_slot"]
+        assert [row["slot"] for row in slots] == [1, 2, 3]
+        reached = [row["reached"] for row in slots]
+        assert reached[0] == sum(1 for row in report["per_prompt"] for step in row["slot_accept_probs"] if step)
+        assert reached == sorted(reached, reverse=True)  # a slot is reached only after the ones before it
+        for row in slots:
+            assert row["mean"] is None or 0.0 <= row["mean"] <= 1.0
+        # Accepted lengths are consistent with how far each verify got: a accepted slots, then one more token.
+        for row in report["per_prompt"]:
+            for length, probs in zip(row["accepted_lengths"], row["slot_accept_probs"], strict=True):
+                assert len(probs) in (length, length - 1)  # the rejected slot is counted; all-accepted has none

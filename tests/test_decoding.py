@@ -129,3 +129,48 @@ def test_bad_requests_are_clear_errors(setup):
         speculative_decode(runner, OracleDrafter(prompts[0] + refs[0]), prompts[0], 8, 1)
     with pytest.raises(ValueError, match="empty"):
         greedy_decode(runner, [], 8)
+
+
+def test_sampling_runs_are_reproducible_and_temperature_zero_is_greedy(setup):
+    from dflash_gptoss.decoding import Sampling, baseline_decode, new_generator
+
+    model, tokenizer, prompts, refs, runner, layer_ids = setup
+    torch.manual_seed(1)
+    config = make_draft_config(model.config, num_hidden_layers=1, block_size=BLOCK,
+                               mask_token_id=tokenizer.convert_tokens_to_ids("<|mask|>"), layer_ids=layer_ids)
+    drafter = DFlashDrafter(DFlashDraftModel(config).eval(), model)
+    baseline = TargetRunner(model, [])
+    cpu = torch.device("cpu")
+    for sampling in (Sampling(1.0), Sampling(0.8, top_p=0.9, draft="sample")):
+        runs = [speculative_decode(runner, drafter, prompts[0], 24, BLOCK, sampling=sampling,
+                                   generator=new_generator(7, cpu)) for _ in range(2)]
+        assert runs[0].tokens == runs[1].tokens and runs[0].accepted_lengths == runs[1].accepted_lengths
+        assert len(runs[0].tokens) == 24 and len(runs[0].slot_accept_probs) == len(runs[0].accepted_lengths)
+        base = [baseline_decode(baseline, prompts[0], 24, sampling=sampling, generator=new_generator(7, cpu))
+                for _ in range(2)]
+        assert base[0].tokens == base[1].tokens and len(base[0].tokens) == 24
+    # Temperature 0 is the greedy loop itself: the same tokens as the reference, no sampling record.
+    result = speculative_decode(runner, drafter, prompts[0], NEW_TOKENS, BLOCK, sampling=Sampling(0.0))
+    assert result.tokens == refs[0] and result.slot_accept_probs == []
+    assert baseline_decode(baseline, prompts[0], NEW_TOKENS, sampling=Sampling(0.0)).tokens == refs[0]
+
+
+def test_bad_sampling_settings_are_clear_errors(setup):
+    from dflash_gptoss.decoding import Sampling
+
+    _, _, prompts, refs, runner, _ = setup
+    for kwargs, message in [
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+        (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(temperature=0.0, top_p=0.5), "top_p=0.5 needs a temperature > 0"),
+        (dict(temperature=0.0, draft="sample"), "draft='sample' needs a temperature > 0"),
+        (dict(temperature=1.0, draft="beam"), "draft must be 'greedy' or 'sample'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Sampling(**kwargs)
+    with pytest.raises(ValueError, match="needs a torch.Generator"):
+        speculative_decode(runner, OracleDrafter(prompts[0] + refs[0]), prompts[0], 8, BLOCK, sampling=Sampling(1.0))
+    with pytest.raises(ValueError, match="OracleDrafter has none"):
+        speculative_decode(runner, OracleDrafter(prompts[0] + refs[0]), prompts[0], 8, BLOCK,
+                           sampling=Sampling(1.0, draft="sample"), generator=torch.Generator())
