@@ -141,6 +141,8 @@ class DFlashTrainingSettings:
     eval_cache_dir: str | None = None  # held-out cache: evaluated every eval_steps (and at the first/last step)
     eval_steps: int | None = None
     keep_best: bool = False  # export the evaluation with the best held-out mean accepted length
+    eval_temperature: float | None = None  # also the expected accepted length when sampling at this temperature
+    eval_top_k: int = 32  # teacher probabilities kept per eval position for eval_temperature
     export_check_blocks: int = 1024  # blocks the export check proposes with the exported torch draft
 
 
@@ -219,9 +221,10 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
                  lm_head: np.ndarray, block_size: int, mask_token_id: int, loss_decay_gamma: float,
                  anchors_per_window: int, vocab_chunk_size: int, seed: int, resume_from: Path | None = None,
                  eval_set: Any = None, eval_cache: DFlashCacheDataset | None = None, eval_steps: int | None = None,
-                 keep_best: bool = False) -> None:
+                 keep_best: bool = False, eval_top: Any = None) -> None:
         self.cache = dataset
         self.eval_set, self.eval_steps, self.keep_best = eval_set, eval_steps, bool(keep_best)
+        self.eval_top = eval_top  # heldout_eval.TeacherTopK for --eval-temperature
         self.eval_cache = eval_cache
         self.eval_history: list[dict[str, Any]] = []
         self.best: tuple[int, Any] | None = None  # (step, a device copy of its parameters) under --keep-best
@@ -253,7 +256,8 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
                 batch_sharding=self.batch_sharding, graph_shardings=self.state_shardings.graphstate,
                 table_sharding=NamedSharding(self.model.mesh, P("tp", None)),
                 loss_kwargs=dict(mesh=self.model.mesh, mask_token_id=self.mask_token_id, weights=self.loss_weights,
-                                 vocab_chunk_size=self.vocab_chunk_size))
+                                 vocab_chunk_size=self.vocab_chunk_size),
+                top=self.eval_top if eval_set is self.eval_set else None)
         return self._evaluators[id(eval_set)]
 
     def _should_evaluate(self, step: int) -> bool:
@@ -274,6 +278,8 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
             f"{entry['eval_accept_len_p90']:g} over {entry['eval_walk_steps']} steps (per position "
             f"{entry['eval_accept_len_position_mean']:.3f} over {entry['eval_blocks']} blocks; "
             f"{entry['eval_seconds']:.2f} s)"
+            + (f"; at temperature {entry['eval_temperature']:g} expected accepted length "
+               f"{sampled_accept_text(entry)}" if "eval_temperature" in entry else "")
             + (f"; best so far: step {self.best[0]}" if self.best is not None else ""))
 
     def _best_mean(self) -> float:
@@ -429,6 +435,13 @@ def validate_settings(s: DFlashTrainingSettings) -> None:
                                 "accepted length; build a held-out cache (README) or drop --keep-best.")
     if s.eval_cache_dir and not Path(s.eval_cache_dir).is_dir():
         raise TrainerInputError(f"--eval-cache-dir {s.eval_cache_dir} is not a directory.")
+    if s.eval_temperature is not None:
+        if not (math.isfinite(s.eval_temperature) and s.eval_temperature > 0):
+            raise TrainerInputError(f"--eval-temperature must be a finite number > 0 (the greedy figure is always "
+                                    f"reported), got {s.eval_temperature}.")
+        if not s.eval_cache_dir:
+            raise TrainerInputError("--eval-temperature needs --eval-cache-dir (the held-out cache to evaluate on).")
+    _check_positive("eval_top_k", s.eval_top_k)
     _check_positive("export_check_blocks", s.export_check_blocks)
     if s.total_batch_size % s.dp:
         raise TrainerInputError(
@@ -556,16 +569,53 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
         raise
 
 
-def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int) -> tuple[Any, Any]:
-    """(eval cache, its fixed eval set) when ``--eval-cache-dir`` is given, else (None, None)."""
+def sampled_accept_text(entry: dict[str, Any]) -> str:
+    """``3.412`` or ``3.412-3.415`` (the bounds when some proposals fell outside the teacher's top k)."""
+    lo, hi = entry["eval_expected_accept_len_lower"], entry["eval_expected_accept_len_upper"]
+    return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}-{hi:.3f}"
+
+
+def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int) -> tuple[Any, Any, Any]:
+    """(eval cache, its fixed eval set, the teacher's top-k at ``--eval-temperature``) when ``--eval-cache-dir``
+    is given, else Nones."""
     if not s.eval_cache_dir:
-        return None, None
-    from dflash_gptoss.heldout_eval import build_eval_set, check_eval_cache
+        return None, None, None
+    from dflash_gptoss.heldout_eval import EvalCacheError, build_eval_set, check_eval_cache
 
     eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
-    return eval_ds, build_eval_set(eval_ds, block_size=block_size, anchors_per_item=s.anchors_per_window,
-                                   rows_per_batch=s.total_batch_size)
+    if s.eval_temperature is not None and eval_ds.layout != "windows":
+        raise EvalCacheError(f"--eval-temperature needs a 'windows'-layout eval cache (its token ids give the teacher "
+                             f"its input), but {s.eval_cache_dir} is {eval_ds.layout!r}; build the held-out cache "
+                             "with --layout windows.")
+    eval_set = build_eval_set(eval_ds, block_size=block_size, anchors_per_item=s.anchors_per_window,
+                              rows_per_batch=s.total_batch_size)
+    return eval_ds, eval_set, _teacher_top_k(s, eval_ds)
+
+
+def _teacher_top_k(s: DFlashTrainingSettings, eval_ds: DFlashCacheDataset) -> Any:
+    """The teacher's top-k at ``--eval-temperature`` over the eval cache's windows, computed once before the draft
+    exists (the teacher's parameters leave the devices again before training starts)."""
+    if s.eval_temperature is None:
+        return None
+    import gc
+
+    vocab = int(eval_ds.meta["teacher"]["vocab_size"])
+    if s.eval_top_k > vocab:
+        raise TrainerInputError(f"--eval-top-k {s.eval_top_k} is more than the teacher's {vocab} tokens.")
+
+    from dflash_gptoss.heldout_eval import teacher_top_k
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    _logger().info(f"--eval-temperature {s.eval_temperature:g}: the teacher's top-{s.eval_top_k} probabilities at "
+                   f"every position of the {eval_ds.num_items} eval windows (once)")
+    teacher = JaxTeacher(s.teacher_snapshot_dir, list(eval_ds.meta["target_layer_ids"]), dp=s.dp, tp=s.tp,
+                         dtype=eval_ds.meta["build"]["dtype"])
+    top = teacher_top_k(teacher, np.asarray(eval_ds.arrays["token_ids"]), s.eval_temperature, s.eval_top_k,
+                        rows_per_call=s.dp)
+    del teacher
+    gc.collect()
+    return top
 
 
 def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCacheDataset,
@@ -603,7 +653,7 @@ def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCa
 
 def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: Any, draft_config: Any,
               block_size: int, mask_id: int, gamma: float, resume_from: Path | None,
-              lock: Any, held_out: tuple[Any, Any]) -> tuple[DFlashTrainer, Any]:
+              lock: Any, held_out: tuple[Any, Any, Any]) -> tuple[DFlashTrainer, Any]:
     """The expensive part of :func:`build_trainer`, once every input is known to be usable."""
     from dflash_gptoss.easydel_dflash_draft_model import create_draft_model
 
@@ -621,7 +671,7 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
                             mask_token_id=mask_id, loss_decay_gamma=gamma,
                             anchors_per_window=s.anchors_per_window, vocab_chunk_size=s.vocab_chunk_size,
                             seed=s.seed, resume_from=resume_from, eval_cache=held_out[0], eval_set=held_out[1],
-                            eval_steps=s.eval_steps, keep_best=s.keep_best)
+                            eval_steps=s.eval_steps, keep_best=s.keep_best, eval_top=held_out[2])
     trainer.run_lock = lock
     if resume_from is not None:
         resumed = int(jax.device_get(trainer.model_state.step))

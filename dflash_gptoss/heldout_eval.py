@@ -18,6 +18,17 @@ beside them (``eval_accept_len_position_mean``). A ``blocks``-layout cache has o
 
 Why it exists: a draft can reach high accuracy on its training batches and still be accepted ~1 token
 per block at inference (overfitting, a slot shift, a layer offset); only text outside training shows it.
+
+At a sampling temperature T > 0 (``--eval-temperature``) a verify accepts the draft's argmax proposal
+``x_j`` with probability ``p_j(x_j)`` (``q`` is one-hot), so a block's expected accepted length is
+``1 + sum_k prod_{j<=k} p_j(x_j)``. The argmax labels alone do not give ``p``: the trainer computes
+the teacher's ``k`` most likely tokens and their probabilities at T for every position of the eval
+cache once, at start (``TeacherTopK``, on device with the builder's teacher), and looks each proposal up
+there. A proposal outside the top k has probability between 0 and the smaller of the k-th probability
+and the mass the top k miss, so the figure is reported as that interval (``..._lower`` / ``..._upper``;
+equal when every proposal was found). ``p_j`` is the teacher's law at the block's slot j given the
+cached text (teacher forcing), which is the law the verify applies whenever the proposals before slot j
+equal that text; the figure is a mean over every scored block (per position), not a walk.
 """
 
 from __future__ import annotations
@@ -133,6 +144,71 @@ def build_eval_set(ds: Any, *, block_size: int, anchors_per_item: int, rows_per_
     return EvalSet(batches, blocks, walks)
 
 
+@dataclass
+class TeacherTopK:
+    """The teacher's ``k`` most likely next tokens and their probabilities at ``temperature``, per eval position.
+
+    ``ids`` / ``probs`` ``[rows, ctx_len, k]``: at position t, the law of the token at position t+1 (the
+    ``labels`` convention of the cache).
+    """
+
+    temperature: float
+    ids: np.ndarray
+    probs: np.ndarray
+
+
+def teacher_top_k(teacher: Any, token_ids: np.ndarray, temperature: float, k: int, rows_per_call: int) -> TeacherTopK:
+    """:class:`TeacherTopK` of every row of ``token_ids`` ``[rows, C]``, ``rows_per_call`` rows per forward
+    (padded with the last row to a whole call; the padding's results are dropped)."""
+    token_ids = np.asarray(token_ids, dtype=np.int32)
+    n, ids, probs = len(token_ids), [], []
+    for start in range(0, n, rows_per_call):
+        chunk = token_ids[start: start + rows_per_call]
+        pad = rows_per_call - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        i, p = teacher.top_probs(chunk, temperature, k)
+        ids.append(i[: rows_per_call - pad])
+        probs.append(p[: rows_per_call - pad])
+    return TeacherTopK(float(temperature), np.concatenate(ids), np.concatenate(probs).astype(np.float64))
+
+
+def proposal_probabilities(eval_set: EvalSet, pred: np.ndarray, top: TeacherTopK) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bounds ``[blocks, B-1]`` on ``p_j(x_j)`` for each block's argmax proposals ``pred``.
+
+    Slot j of a block anchored at n proposes the token at n+j, whose law is the teacher's at position
+    n+j-1. Exact (both bounds equal) when the proposal is in the top k; else in [0, min(p_k, 1 - top-k mass)].
+    """
+    pred = np.asarray(pred)
+    rows = np.array([b.row for b in eval_set.blocks])
+    anchors = np.array([b.anchor for b in eval_set.blocks])
+    positions = anchors[:, None] + np.arange(pred.shape[1])[None]  # [blocks, B-1]: n + j - 1 for j = 1..B-1
+    ids, probs = top.ids[rows[:, None], positions], top.probs[rows[:, None], positions]  # [blocks, B-1, k]
+    hit = ids == pred[..., None]
+    exact = np.where(hit, probs, 0.0).sum(axis=-1)
+    found = hit.any(axis=-1)
+    ceiling = np.minimum(probs[..., -1], np.clip(1.0 - probs.sum(axis=-1), 0.0, None))
+    return exact, np.where(found, exact, ceiling)
+
+
+def expected_accept_lengths(p_x: np.ndarray) -> np.ndarray:
+    """``1 + sum_k prod_{j<=k} p_j(x_j)`` per block (``p_x`` ``[..., B-1]``): the expected accepted length at T."""
+    return 1.0 + np.cumprod(np.asarray(p_x, dtype=np.float64), axis=-1).sum(axis=-1)
+
+
+def sampled_summary(eval_set: EvalSet, pred: np.ndarray, top: TeacherTopK) -> dict[str, Any]:
+    """The ``eval_history`` fields at ``top.temperature``: expected accepted length (bounds), per-slot p(x)."""
+    lower, upper = proposal_probabilities(eval_set, pred, top)
+    return {
+        "eval_temperature": top.temperature,
+        "eval_expected_accept_len_lower": float(expected_accept_lengths(lower).mean()),
+        "eval_expected_accept_len_upper": float(expected_accept_lengths(upper).mean()),
+        "eval_slot_accept_prob": [float(x) for x in lower.mean(axis=0)],
+        "eval_proposals_outside_top_k": float(1.0 - np.mean(lower == upper)),
+        "eval_top_k": int(top.ids.shape[-1]),
+    }
+
+
 def accept_lengths(correct: np.ndarray) -> np.ndarray:
     """``1 + leading run of correct slots`` per block (``correct`` [..., B-1] of 0/1), the benchmark's count."""
     return 1 + np.cumprod(np.asarray(correct) > 0, axis=-1).sum(axis=-1)
@@ -157,8 +233,10 @@ def walk_steps(eval_set: EvalSet, accept: np.ndarray) -> np.ndarray:
     return np.asarray(steps, dtype=np.int64)
 
 
-def summarize(step: int, loss: float, correct: np.ndarray, eval_set: EvalSet, seconds: float) -> dict[str, Any]:
-    """One ``eval_history`` entry from every block's per-slot correctness ``[blocks, B-1]`` (blocks order)."""
+def summarize(step: int, loss: float, correct: np.ndarray, eval_set: EvalSet, seconds: float,
+              pred: np.ndarray | None = None, top: TeacherTopK | None = None) -> dict[str, Any]:
+    """One ``eval_history`` entry from every block's per-slot correctness ``[blocks, B-1]`` (blocks order),
+    and with ``top``, the expected accepted length at its temperature from the proposals ``pred``."""
     per_block = accept_lengths(correct)
     walked = walk_steps(eval_set, per_block)
     hist = {str(k): int(v) for k, v in zip(*np.unique(walked, return_counts=True), strict=True)}
@@ -174,6 +252,7 @@ def summarize(step: int, loss: float, correct: np.ndarray, eval_set: EvalSet, se
         "eval_slot_accuracy": [float(x) for x in np.asarray(correct, np.float64).mean(axis=0)],
         "eval_blocks": int(per_block.size),
         "eval_seconds": float(seconds),
+        **(sampled_summary(eval_set, pred, top) if top is not None else {}),
     }
 
 
@@ -185,12 +264,14 @@ class HeldoutEvaluator:
     """
 
     def __init__(self, state: Any, eval_set: EvalSet, *, embed: Any, lm_head: Any, batch_sharding: Any,
-                 graph_shardings: Any, table_sharding: Any, loss_kwargs: dict[str, Any]) -> None:
+                 graph_shardings: Any, table_sharding: Any, loss_kwargs: dict[str, Any],
+                 top: TeacherTopK | None = None) -> None:
         import jax
 
         from dflash_gptoss.train_step import dflash_batch_loss
 
         self.eval_set, self.embed, self.lm_head, self.batch_sharding = eval_set, embed, lm_head, batch_sharding
+        self.top = top
         graphdef, graphother = state.graphdef, state.graphother
 
         def score(graphstate: Any, batch: dict[str, Any], embed: Any, lm_head: Any) -> tuple[Any, Any]:
@@ -198,7 +279,7 @@ class HeldoutEvaluator:
 
             module = nnx.merge(graphdef, graphstate, graphother)
             loss, m = dflash_batch_loss(module, batch, embed, lm_head, **loss_kwargs)
-            return loss, m["correct"]
+            return loss, m["correct"], m["pred"]
 
         self._score = jax.jit(score, in_shardings=(graph_shardings, batch_sharding, table_sharding, table_sharding))
 
@@ -212,25 +293,31 @@ class HeldoutEvaluator:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v[lo:hi], v.shape)
                 for k, v in batch.items()}
 
-    def correct(self, graphstate: Any) -> tuple[float, np.ndarray]:
-        """(loss over the real blocks, per-slot correctness ``[blocks, B-1]`` in :attr:`EvalSet.blocks` order)."""
+    def score(self, graphstate: Any) -> tuple[float, np.ndarray, np.ndarray]:
+        """(loss over the real blocks, per-slot correctness and argmax proposals ``[blocks, B-1]`` in
+        :attr:`EvalSet.blocks` order)."""
         from jax.experimental import multihost_utils
 
-        losses, weights, rows = [], [], []
+        losses, weights, rows, preds = [], [], [], []
         for batch in self.eval_set.batches:
-            loss, correct = self._score(graphstate, self._device_batch(batch), self.embed, self.lm_head)
+            loss, correct, pred = self._score(graphstate, self._device_batch(batch), self.embed, self.lm_head)
             if not correct.is_fully_addressable:
-                correct = multihost_utils.process_allgather(correct, tiled=True)
-            correct = np.asarray(correct)
+                correct, pred = multihost_utils.process_allgather((correct, pred), tiled=True)
             w = batch["anchor_weights"]
             losses.append(float(loss))
             weights.append(float(w.sum()))
-            rows.append(correct[w > 0])
+            rows.append(np.asarray(correct)[w > 0])
+            preds.append(np.asarray(pred)[w > 0])
         loss = float(np.dot(losses, weights) / max(sum(weights), 1.0))
-        return loss, np.concatenate(rows, axis=0)
+        return loss, np.concatenate(rows, axis=0), np.concatenate(preds, axis=0)
+
+    def correct(self, graphstate: Any) -> tuple[float, np.ndarray]:
+        """(loss over the real blocks, per-slot correctness ``[blocks, B-1]`` in :attr:`EvalSet.blocks` order)."""
+        loss, correct, _ = self.score(graphstate)
+        return loss, correct
 
     def evaluate(self, graphstate: Any, step: int) -> tuple[dict[str, Any], np.ndarray]:
         """An ``eval_history`` entry and the per-block correctness behind it."""
         t0 = time.perf_counter()
-        loss, correct = self.correct(graphstate)
-        return summarize(step, loss, correct, self.eval_set, time.perf_counter() - t0), correct
+        loss, correct, pred = self.score(graphstate)
+        return summarize(step, loss, correct, self.eval_set, time.perf_counter() - t0, pred, self.top), correct

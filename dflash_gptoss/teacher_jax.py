@@ -95,6 +95,15 @@ def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: An
     return jax.jit(_fwd, out_shardings=(feat_sharding, ids_sharding)), ids_sharding
 
 
+def _to_host(x: Any) -> np.ndarray:
+    """A global array as numpy on every process (a collective past one host)."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 class JaxTeacher:
     """easydel GPT-OSS teacher, jitted and sharded over a ``dp`` x ``tp`` mesh.
 
@@ -138,6 +147,13 @@ class JaxTeacher:
 
         self._logits = jax.jit(_logits)
 
+        def _top_probs(state, input_ids, temperature, k):
+            probs = jax.nn.softmax(_logits(state, input_ids) / temperature, axis=-1)
+            values, ids = jax.lax.top_k(probs, k)
+            return ids.astype(jnp.int32), values
+
+        self._top_probs = jax.jit(_top_probs, static_argnums=(3,))
+
     def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """int32 ``[b, T]`` -> (features ``[b, T, K*H]`` in ``dtype``, labels int32 ``[b, T]``)."""
         ids_dev = self._device_ids(input_ids)
@@ -172,6 +188,15 @@ class JaxTeacher:
         ids_dev = self._device_ids(input_ids)
         with self.mesh:
             return np.asarray(self._logits(self._state, ids_dev))
+
+    def top_probs(self, input_ids: np.ndarray, temperature: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most likely next tokens at every position and their probabilities under
+        ``softmax(logits / temperature)``: (ids int32 ``[b, T, k]``, probs float32 ``[b, T, k]``), computed on
+        device so that no ``[b, T, V]`` array reaches the host."""
+        ids_dev = self._device_ids(input_ids)
+        with self.mesh:
+            ids, probs = self._top_probs(self._state, ids_dev, float(temperature), int(k))
+        return _to_host(ids), _to_host(probs)
 
     def _device_ids(self, input_ids: np.ndarray):
         """Validate ``input_ids`` and place them on the mesh, batch sharded over dp."""

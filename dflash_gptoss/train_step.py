@@ -98,6 +98,7 @@ def dflash_loss_and_metrics(
         "expected_accept_len": expected_accept_length(slot_acc),
         "mean_accept_len": 1.0 + jnp.sum(leading_run * aw) / blocks,
         "correct": correct,  # [b, nb, B-1]: per block and slot (held-out evaluation, export check)
+        "pred": pred.reshape(b, nb, bs - 1),  # [b, nb, B-1]: the draft's argmax (held-out evaluation at T > 0)
     }
     return loss, metrics
 

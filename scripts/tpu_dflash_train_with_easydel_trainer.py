@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-best", action="store_true",
                    help="export the evaluated step with the best held-out mean accepted length instead of the last "
                         "(among this run's evaluations; needs --eval-cache-dir).")
+    p.add_argument("--eval-temperature", type=float, default=None,
+                   help="also report, at each evaluation, the expected accepted length when sampling at this "
+                        "temperature (> 0) with the draft's argmax proposals: 1 + sum_k prod_{j<=k} p_j(x_j), p the "
+                        "teacher's law at T, computed once at start from the teacher (needs --eval-cache-dir, "
+                        "windows layout).")
+    p.add_argument("--eval-top-k", type=_positive_int, default=32,
+                   help="with --eval-temperature: teacher probabilities kept per position (default 32); a proposal "
+                        "outside them bounds the figure, reported as lower-upper.")
     p.add_argument("--export-check-blocks", type=_positive_int, default=1024,
                    help="blocks on which the exported torch draft must reproduce the JAX draft's accepted length "
                         "(within 0.02) and slot accuracies (within 0.01) before the export is put in place; "
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         DFlashTrainingSettings,
         build_trainer,
         run_training,
+        sampled_accept_text,
     )
     from dflash_gptoss.export_check import ExportCheckError
     from dflash_gptoss.job_lock import LockHeldError
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
         resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir,
         eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
+        eval_temperature=args.eval_temperature, eval_top_k=args.eval_top_k,
         export_check_blocks=args.export_check_blocks)
     try:  # every input check happens while building (before compiling); ValueError = bad input here
         built = build_trainer(settings)
@@ -184,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{entry['eval_accept_len_mean']:.3f}, median {entry['eval_accept_len_median']:g}, p90 "
               f"{entry['eval_accept_len_p90']:g} ({entry['eval_walk_steps']} steps of a greedy walk over "
               f"{entry['eval_blocks']} held-out blocks)" + (f"; best at step {best}" if best is not None else ""))
+        if "eval_temperature" in entry:
+            print(f"held-out expected accepted length at temperature {entry['eval_temperature']:g} (argmax "
+                  f"proposals, per block): {sampled_accept_text(entry)}; mean acceptance probability per slot "
+                  + " ".join(f"{p:.3f}" for p in entry["eval_slot_accept_prob"]))
     check = summary.get("export_check")
     if check:
         print(f"export check (step {summary['exported_step']}, {summary['exported_from']}): accepted length JAX "

@@ -19,7 +19,17 @@ import numpy as np
 import pytest
 
 from dflash_gptoss.config import target_layer_ids
-from dflash_gptoss.heldout_eval import EvalBlock, EvalCacheError, EvalSet, accept_lengths, check_eval_cache, summarize
+from dflash_gptoss.heldout_eval import (
+    EvalBlock,
+    EvalCacheError,
+    EvalSet,
+    TeacherTopK,
+    accept_lengths,
+    check_eval_cache,
+    expected_accept_lengths,
+    proposal_probabilities,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CTX, B, K = 32, 8, 3
@@ -60,7 +70,8 @@ def _settings(caches: dict[str, Path], teacher: Path, save: Path, **kw: object):
     base = dict(cache_dir=str(caches["train"]), teacher_snapshot_dir=str(teacher), save_directory=str(save),
                 model_name="m", max_training_steps=STEPS, total_batch_size=8, dp=2, tp=4, vocab_chunk_size=1024,
                 log_steps=100, learning_rate=3e-3, lr_schedule="constant", anchors_per_window=8, mask_token_id=1,
-                progress_bar="json", eval_cache_dir=str(caches["eval"]), eval_steps=EVAL_STEPS, keep_best=True)
+                progress_bar="json", eval_cache_dir=str(caches["eval"]), eval_steps=EVAL_STEPS, keep_best=True,
+                eval_temperature=1.0, eval_top_k=16)
     base.update(kw)
     return DFlashTrainingSettings(**base)
 
@@ -89,6 +100,52 @@ def test_accept_length_is_the_benchmarks_count() -> None:
     assert entry["eval_slot_accuracy"] == pytest.approx([4 / 7, 3 / 7, 2 / 7, 1 / 7])
 
 
+def test_expected_accepted_length_at_a_temperature_from_the_teachers_top_k() -> None:
+    # One window of 6 positions, top-2 per position; blocks of B = 4 (3 proposals) anchored at 0 and 2.
+    ids = np.array([[[5, 6], [7, 8], [1, 2], [3, 4], [9, 0], [0, 1]]])
+    probs = np.array([[[0.5, 0.3], [0.6, 0.2], [0.9, 0.05], [0.4, 0.4], [0.7, 0.1], [0.5, 0.5]]])
+    top = TeacherTopK(1.0, ids, probs)
+    blocks = [EvalBlock(0, 0, np.zeros(4, np.int32)), EvalBlock(0, 2, np.zeros(4, np.int32))]
+    eval_set = EvalSet([], blocks, [(0, 0, 0), (0, 2, 2)])
+    # Slot j of the block at n proposes position n+j, whose law is the teacher's at n+j-1.
+    pred = np.array([[6, 7, 2], [1, 3, 5]])  # last proposal of block 2 (5) is outside position 4's top 2
+    lower, upper = proposal_probabilities(eval_set, pred, top)
+    assert lower.tolist() == [[0.3, 0.6, 0.05], [0.9, 0.4, 0.0]]
+    # outside the top k: at most the k-th probability (0.1) and the mass the top k miss (1 - 0.8 = 0.2)
+    np.testing.assert_allclose(upper, [[0.3, 0.6, 0.05], [0.9, 0.4, 0.1]], atol=1e-15, rtol=0)
+    expected = expected_accept_lengths(lower)
+    assert expected.tolist() == pytest.approx([1 + 0.3 + 0.3 * 0.6 + 0.3 * 0.6 * 0.05, 1 + 0.9 + 0.9 * 0.4], abs=1e-15)
+    assert expected_accept_lengths(upper)[1] == pytest.approx(1 + 0.9 + 0.36 + 0.036, abs=1e-15)
+    entry = summarize(1, 0.0, np.zeros((2, 3)), eval_set, 0.0, pred, top)
+    assert entry["eval_expected_accept_len_lower"] == pytest.approx(expected.mean(), abs=1e-15)
+    assert entry["eval_proposals_outside_top_k"] == pytest.approx(1 / 6)
+    assert entry["eval_slot_accept_prob"] == pytest.approx([0.6, 0.5, 0.025], abs=1e-15)
+
+
+def test_teacher_top_probs_are_the_softmax_of_its_logits(caches, tiny_teacher_dir) -> None:
+    """The on-device top-k equals numpy's float64 softmax and sort of the same teacher's logits.
+
+    Tolerance: the device computes ``exp(l / T - max)`` in float32, whose argument carries an absolute
+    error of about ``|l / T| * eps32`` (logits here reach ~30, so ~40 * 1.2e-7 = 5e-6), which becomes
+    the same relative error of the probability: rtol 1e-5 is that with a 2x margin."""
+    from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
+    from dflash_gptoss.heldout_eval import teacher_top_k
+    from dflash_gptoss.teacher_jax import JaxTeacher
+
+    ds = DFlashCacheDataset(caches["eval"], process_index=0, process_count=1)
+    teacher = JaxTeacher(tiny_teacher_dir, target_layer_ids(6, K), dp=2, tp=4)
+    ids = np.asarray(ds.arrays["token_ids"])[:3]
+    top = teacher_top_k(teacher, ids, 0.7, 5, rows_per_call=2)  # 3 rows in calls of 2: one padded call
+    assert top.ids.shape == top.probs.shape == (3, CTX, 5)
+    logits = teacher.logits(np.concatenate([ids, ids[-1:]])).astype(np.float64)[:3] / 0.7
+    full = np.exp(logits - logits.max(-1, keepdims=True))
+    full /= full.sum(-1, keepdims=True)
+    want = -np.sort(-full, axis=-1)[..., :5]
+    assert np.abs(logits).max() < 50  # the bound the tolerance assumes
+    np.testing.assert_allclose(top.probs, want, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.take_along_axis(full, top.ids, axis=-1), top.probs, rtol=1e-5, atol=1e-9)
+
+
 def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
     from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
     from dflash_gptoss.heldout_eval import build_eval_set
@@ -104,6 +161,10 @@ def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
         assert e["eval_walk_steps"] <= blocks  # each step consumes at least its own anchor
         assert 1 <= e["eval_accept_len_median"] <= B and 1 <= e["eval_accept_len_mean"] <= B
         assert len(e["eval_slot_accuracy"]) == B - 1 and np.isfinite(e["eval_loss"])
+        # at temperature 1: an expected accepted length per block, bounded by what the top 16 miss
+        assert e["eval_temperature"] == 1.0 and e["eval_top_k"] == 16
+        assert 1 <= e["eval_expected_accept_len_lower"] <= e["eval_expected_accept_len_upper"] <= B
+        assert len(e["eval_slot_accept_prob"]) == B - 1 and all(0 <= p <= 1 for p in e["eval_slot_accept_prob"])
     # the draft learns what held-out text needs (measured: loss 5.80 -> 4.08 at best, accepted 1.00 -> 1.46)
     assert min(e["eval_loss"] for e in hist[1:]) < hist[0]["eval_loss"] - 1.0
     means = [e["eval_accept_len_mean"] for e in hist]
@@ -177,6 +238,14 @@ def test_bad_eval_inputs_are_refused_before_training(caches, tiny_teacher_dir, t
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, eval_steps=None))
     with pytest.raises(TrainerInputError, match="--eval-steps needs --eval-cache-dir"):
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, keep_best=False))
+    with pytest.raises(TrainerInputError, match="--eval-temperature needs --eval-cache-dir"):
+        build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, keep_best=False,
+                                eval_steps=None))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(TrainerInputError, match="--eval-temperature must be a finite number > 0"):
+            build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_temperature=bad))
+    with pytest.raises(TrainerInputError, match="--eval-top-k 5000 is more than the teacher's 4096 tokens"):
+        build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_top_k=5000))
     assert not (tmp_path / "m").exists()
     sys.path.insert(0, str(REPO / "scripts"))
     try:
