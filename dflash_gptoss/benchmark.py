@@ -618,13 +618,13 @@ def plot_acceptance(report: dict[str, Any], path: Path) -> None:
     block = report["settings"]["block_size"]
     hist = {int(k): v for k, v in report["acceptance_hist"].items()}
     xs = list(range(1, block + 1))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
     ax.bar(xs, [hist.get(x, 0) for x in xs], color="#3b75af")
     ax.set_xticks(xs)
     ax.set_xlabel("tokens accepted per target forward (accepted length)")
     ax.set_ylabel("verify steps")
     ax.set_title(f"{report['teacher']}\ndraft: {Path(str(report['draft'])).name} | {report['device']} "
-                 f"({report['dtype']}) | mean {report['acceptance_mean']:.2f}\n"
+                 f"({report['dtype']}) | mean {report['acceptance_mean']:.2f}\n{sampling_text(report['settings'])}\n"
                  f"{'NOISY ' if report['noisy'] else ''}{headline(report)}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for the embedded tiny teacher (built on first use, then cached). Default: tiny.")
     p.add_argument("--draft", default="random",
                    help="a DFlash draft folder (config.json + model.safetensors), or one of two diagnostic drafts: "
-                        "'oracle' (proposes the target's own greedy continuation: the loop's ceiling) or 'random' "
+                        "'oracle' (proposes the target's own greedy continuation: the loop's ceiling; at "
+                        "--temperature > 0 the baseline's sampled continuation of the same prompt) or 'random' "
                         "(an untrained DFlash draft: the floor). Default: random.")
     p.add_argument("--prompts-file", default=None,
                    help="JSONL, one object per line with 'input_ids', 'messages' (chat) or 'prompt' (text). "
