@@ -25,7 +25,6 @@ with the same settings continues from the checkpoint with the same chunk boundar
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -128,26 +127,19 @@ class BuildResult:
 
 # --------------------------------------------------------------------------- validation
 def read_teacher_config(snapshot_dir: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a GPT-OSS snapshot; weights are checked later by the teacher itself."""
+    """config.json of a GPT-OSS snapshot (all a plan needs); a build checks the rest in ``plan_teacher_cache``."""
     path = Path(snapshot_dir)
     if not path.is_dir():
         raise CacheBuildError(f"--model-snapshot-dir {path} does not exist (expected a Hugging Face snapshot folder).")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CacheBuildError(f"--model-snapshot-dir {path} has no config.json; it is not a model snapshot.")
+    from dflash_gptoss.snapshot import SnapshotError, read_config
+
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheBuildError(f"{cfg_path} is not valid JSON: {e}") from e
-    if cfg.get("model_type") != "gpt_oss":
-        raise CacheBuildError(
-            f"{cfg_path} has model_type={cfg.get('model_type')!r}; the teacher must be a GPT-OSS model "
-            "(model_type 'gpt_oss')."
-        )
-    missing = [k for k in ("hidden_size", "vocab_size", "num_hidden_layers") if k not in cfg]
-    if missing:
-        raise CacheBuildError(f"{cfg_path} lacks {missing}; cannot size the cache.")
-    return cfg
+        return read_config(path)  # parses (naming line and column), GPT-OSS, the sizes the cache needs
+    except SnapshotError as e:
+        raise CacheBuildError(str(e)) from e
 
 
 def _check_positive(**values: int) -> None:
@@ -373,6 +365,12 @@ def plan_teacher_cache(
     cfg, layer_ids = check_build_geometry(snapshot, layout=layout, ctx_len=ctx_len, block_size=block_size,
                                           num_context_features=num_context_features, num_blocks=num_blocks,
                                           batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
+    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
+
+    try:  # the weights' headers and the tokenizer, before any folder is made or teacher loaded
+        validate_snapshot(snapshot)
+    except SnapshotError as e:
+        raise CacheBuildError(str(e)) from e
     tokens, response = load_token_stream(data, snapshot, cfg)
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:

@@ -536,6 +536,12 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     validate_settings(s)
     if s.lr_schedule not in _SCHEDULES:
         raise TrainerInputError(f"lr_schedule={s.lr_schedule!r}; choose one of {sorted(_SCHEDULES)}.")
+    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
+
+    try:  # config.json, the weights' headers, tokenizer.json: a damaged snapshot is named, not blamed on the cache
+        validate_snapshot(s.teacher_snapshot_dir)
+    except SnapshotError as e:
+        raise TrainerInputError(f"--teacher-snapshot-dir: {e}") from e
     teacher_cfg = AutoConfig.from_pretrained(s.teacher_snapshot_dir)
     vocab = int(teacher_cfg.vocab_size)
     if vocab % s.tp:

@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_gpt_oss_snapshot(snapshot_dir: str | Path) -> Path:
-    """A clear error for a path that is not a GPT-OSS Hugging Face snapshot folder."""
+    """A clear error for a path that is not a usable GPT-OSS Hugging Face snapshot folder (``snapshot`` module)."""
     path = Path(snapshot_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
@@ -53,9 +53,9 @@ def check_gpt_oss_snapshot(snapshot_dir: str | Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a Hugging Face snapshot folder.")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "gpt_oss":
-        raise ValueError(f"{str(path)!r} holds a {model_type!r} model, not GPT-OSS (model_type 'gpt_oss').")
+    from dflash_gptoss.snapshot import validate_snapshot
+
+    validate_snapshot(path)  # config.json, every tensor's header, tokenizer.json: the damaged file is named
     return path
 
 

@@ -14,7 +14,6 @@ layer, so the forward runs the decoder layers itself and records the outputs it 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,9 @@ def read_snapshot_config(snapshot_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise ValueError(f"teacher snapshot dir {str(path)!r} has no config.json; pass a Hugging Face "
                          "snapshot folder")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type") != "gpt_oss":
-        raise ValueError(f"snapshot {str(path)!r} has model_type={cfg.get('model_type')!r}, expected "
-                         "'gpt_oss'; pass a GPT-OSS snapshot (e.g. openai/gpt-oss-20b or the tiny teacher)")
+    from dflash_gptoss.snapshot import read_config
+
+    cfg = read_config(path)
     if not sorted(path.glob("*.safetensors")):
         raise ValueError(f"snapshot {str(path)!r} holds no *.safetensors weights")
     return cfg

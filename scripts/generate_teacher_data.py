@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from dflash_gptoss.benchmark import resolve_target_snapshot
+    from dflash_gptoss.target import check_gpt_oss_snapshot
     from dflash_gptoss.teacher_data import TeacherDataError, generate_teacher_data
 
     try:
         snapshot, _ = resolve_target_snapshot(args.model_snapshot_dir)
+        check_gpt_oss_snapshot(snapshot)  # a damaged config, tokenizer or weights file is named before any load
         tokenizer = AutoTokenizer.from_pretrained(snapshot)
         if args.prompts_file:
             from dflash_gptoss.prompts import load_prompts_file
