@@ -80,7 +80,7 @@ from dflash_gptoss.decoding import (
 )
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
 from dflash_gptoss.preflight import check_file_stem, check_output_dir, check_output_files
-from dflash_gptoss.target import TargetRunner
+from dflash_gptoss.target import TargetRunner, new_target_cache
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
 # disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, not yet measured here (no GPU
@@ -221,6 +221,39 @@ def build_draft(settings: BenchSettings, target_model: torch.nn.Module, tokenize
     return draft.to(device=weight.device, dtype=weight.dtype).eval()
 
 
+class NonFiniteOutputError(ValueError):
+    """The target's or the draft's logits hold NaN or Inf: no figure of such a run would mean anything."""
+
+
+@torch.inference_mode()
+def check_finite_outputs(target_model: torch.nn.Module, draft: DFlashDraftModel | None, prompt: list[int],
+                         layer_ids: list[int], block_size: int) -> None:
+    """One prefill of ``prompt`` and one draft proposal after it: both must give finite logits.
+
+    A NaN weight makes every argmax 0, so both loops would emit the same token forever and the run
+    would report lossless; the check names which model is broken instead.
+    """
+    runner = TargetRunner(target_model, layer_ids)
+    try:
+        first = runner(torch.tensor([prompt], device=target_model.lm_head.weight.device), 0, new_target_cache(),
+                       last_only=True)
+    finally:
+        runner.close()
+    if not bool(torch.isfinite(first.logits).all()):
+        raise NonFiniteOutputError(
+            f"the target's logits are not finite (NaN or Inf) at the first prefill (prompt 0, "
+            f"{len(prompt)} tokens): its weights hold NaN or Inf, or --dtype overflows; check the snapshot "
+            f"{getattr(target_model.config, '_name_or_path', '')} (try --dtype float32).")
+    if draft is None:
+        return
+    drafter = DFlashDrafter(draft, target_model)
+    drafter.begin(first.features)
+    logits = drafter.propose_logits(int(first.logits[0, -1].argmax()), len(prompt), block_size - 1)
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteOutputError("the draft's logits are not finite (NaN or Inf) at its first proposal (prompt 0): "
+                                   "its weights hold NaN or Inf; export the draft again from a good checkpoint.")
+
+
 def _first_mismatch(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -355,6 +388,7 @@ def run_benchmark(
         finally:
             runner.close()
 
+    check_finite_outputs(target_model, draft, prompts[0], layer_ids, settings.block_size)
     if settings.warmup:  # first calls pay for allocation / kernel selection; keep them out of the figures
         warm, _ = base(0, min(8, settings.max_new_tokens))
         spec(0, warm.tokens, min(8, settings.max_new_tokens))

@@ -86,8 +86,11 @@ def torch_correct(export_dir: str | Path, snapshot_dir: str | Path, cache: Any, 
                 drafter.begin(new)
             else:
                 drafter.accept(new)
-            proposals = drafter.propose(int(b.target_ids[0]), b.anchor, draft.block_size - 1)
-            out[i] = np.asarray(proposals) == b.target_ids[1:]
+            logits = drafter.propose_logits(int(b.target_ids[0]), b.anchor, draft.block_size - 1)
+            if not bool(torch.isfinite(logits).all()):
+                raise ExportCheckError(f"the exported torch draft's logits are not finite (NaN or Inf) on block "
+                                       f"{i} (cache row {b.row}, anchor {b.anchor}); nothing was exported.")
+            out[i] = logits.argmax(-1).numpy() == b.target_ids[1:]
             seen = b.anchor
     return out
 

@@ -158,7 +158,23 @@ def to_torch_state(model_or_params: Any, draft_config: Any) -> dict[str, np.ndar
         if state[name].shape != shape:
             raise ValueError(f"nnx parameter {name!r} has torch-layout shape {state[name].shape}, the torch draft "
                              f"expects {shape}; was the nnx draft built from another draft config?")
+    check_finite(state)
     return state
+
+
+class NonFiniteWeightsError(ValueError):
+    """A draft whose parameters hold NaN or Inf: it is never written (the message names the parameters)."""
+
+
+def check_finite(state: Mapping[str, np.ndarray]) -> None:
+    """Refuse NaN/Inf parameters, naming the first ones and how many values each holds."""
+    bad = {name: int(np.size(a) - np.isfinite(a).sum()) for name, a in state.items() if not np.isfinite(a).all()}
+    if bad:
+        named = ", ".join(f"{name} ({n} of {np.size(state[name])} values)" for name, n in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteWeightsError(f"the draft's parameters are not finite: {named}{more} hold NaN or Inf; "
+                                    "nothing was exported. Training diverged or learned from non-finite features: "
+                                    "export an earlier checkpoint, or retrain with a lower --learning-rate.")
 
 
 def torch_draft_from_state(draft_config: Any, state: Mapping[str, Any]) -> Any:
@@ -231,5 +247,8 @@ def load_nnx_draft_from_torch_folder(draft_dir: str | Path, *, dp: int = 1, tp: 
     return model
 
 
-__all__ = ["ExportDirError", "check_export_dir", "expected_torch_shapes", "export_nnx_draft",
-           "load_nnx_draft_from_torch_folder", "to_torch_state", "torch_draft_from_state", "write_folder_atomically"]
+__all__ = [
+    "ExportDirError", "NonFiniteWeightsError", "check_export_dir", "check_finite", "expected_torch_shapes",
+    "export_nnx_draft", "load_nnx_draft_from_torch_folder", "to_torch_state", "torch_draft_from_state",
+    "write_folder_atomically",
+]

@@ -58,11 +58,15 @@ def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str 
     """Export (best or final) parameters with the check; returns the summary's export fields."""
     from dflash_gptoss.distributed import is_main_process, is_multiprocess
     from dflash_gptoss.export_check import ExportCheckError, check_export
-    from dflash_gptoss.export_draft import export_nnx_draft
+    from dflash_gptoss.export_draft import NonFiniteWeightsError, export_nnx_draft
 
     step, graphstate = trainer.best if trainer.best is not None else (int(state.step), state.graphstate)
     check_set, cache, source = _check_blocks(trainer, max_blocks)
-    _, jax_correct = trainer.evaluator(check_set).correct(graphstate)
+    jax_loss, jax_correct = trainer.evaluator(check_set).correct(graphstate)
+    if not math.isfinite(jax_loss):
+        raise ExportCheckError(f"the trained JAX draft's loss on the {check_set.num_blocks} {source} check blocks is "
+                               f"{jax_loss}: its outputs are not finite, so no accepted length can be checked; "
+                               "nothing was exported.")
     jax_correct = jax_correct[: check_set.num_blocks]
     params = _params(graphstate)
     out = Path(export_dir).absolute()
@@ -83,6 +87,8 @@ def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str 
             export_nnx_draft(params, draft_config, out, before_commit=check)
         except ExportCheckError as e:
             error = f"{e} The rejected draft and its export_check.json are kept in {rejected} for inspection."
+        except NonFiniteWeightsError as e:  # refused before anything was written
+            error = str(e)
     if is_multiprocess():
         from jax.experimental import multihost_utils
 

@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         sampled_accept_text,
     )
     from dflash_gptoss.export_check import ExportCheckError
+    from dflash_gptoss.export_draft import NonFiniteWeightsError
     from dflash_gptoss.job_lock import LockHeldError
 
     settings = DFlashTrainingSettings(
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc).replace("\n", " "))
     try:
         summary = run_training(settings, built)
-    except (CheckpointWriteError, ExportCheckError) as exc:
+    except (CheckpointWriteError, ExportCheckError, NonFiniteWeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the export or another write after training

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -205,12 +206,15 @@ def test_a_broken_export_is_caught_and_not_exported(run, caches, tiny_teacher_di
 
         monkeypatch.setattr(dflash_gptoss.export_draft, "to_torch_state", to_torch_state)
     else:  # slot k proposes the token of position n+k+1 (a causal-LM shift at inference)
-        real = dflash_gptoss.decoding.DFlashDrafter.propose
+        import torch
 
-        def propose(self, anchor, position, num):
-            return real(self, anchor, position, num)[1:] + [0]
+        real = dflash_gptoss.decoding.DFlashDrafter.propose_logits
 
-        monkeypatch.setattr(dflash_gptoss.decoding.DFlashDrafter, "propose", propose)
+        def propose_logits(self, anchor, position, num):  # what propose (its argmax) and sampling both read
+            logits = real(self, anchor, position, num)
+            return torch.cat([logits[1:], torch.zeros_like(logits[:1])])
+
+        monkeypatch.setattr(dflash_gptoss.decoding.DFlashDrafter, "propose_logits", propose_logits)
     out = tmp_path / "draft"
     with pytest.raises(ExportCheckError, match=r"accepted length \d\.\d{4} \(torch\) vs \d\.\d{4} \(JAX\), gap"):
         _export_again(caches, tiny_teacher_dir, root, out)
@@ -256,3 +260,26 @@ def test_bad_eval_inputs_are_refused_before_training(caches, tiny_teacher_dir, t
         cli.build_parser().parse_args(["--cache-dir", "c", "--teacher-snapshot-dir", "t", "--save-directory", "s",
                                        "--max-training-steps", "1", "--eval-steps", "0"])
     assert info.value.code == 2
+
+
+def test_the_export_check_fails_on_non_finite_torch_outputs(run, caches, tiny_teacher_dir, tmp_path) -> None:
+    """Whatever the accepted lengths would say: an exported draft whose logits are NaN fails the check."""
+    from safetensors.numpy import load_file, save_file
+
+    from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
+    from dflash_gptoss.export_check import ExportCheckError, torch_correct
+    from dflash_gptoss.heldout_eval import build_eval_set
+
+    _, root = run
+    broken = tmp_path / "draft"
+    shutil.copytree(root / "draft", broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["fc.weight"] = tensors["fc.weight"].copy()
+    tensors["fc.weight"][:] = np.nan
+    save_file(tensors, str(broken / "model.safetensors"))
+    cache = DFlashCacheDataset(caches["eval"], process_index=0, process_count=1)
+    blocks = build_eval_set(cache, block_size=B, anchors_per_item=8, rows_per_batch=8).blocks[:16]
+    with pytest.raises(ExportCheckError, match=r"the exported torch draft's logits are not finite \(NaN or Inf\) "
+                                               r"on block 0 \(cache row 0, anchor \d+\); nothing was exported"):
+        torch_correct(broken, tiny_teacher_dir, cache, blocks)
+    assert torch_correct(root / "draft", tiny_teacher_dir, cache, blocks).shape == (16, B - 1)
