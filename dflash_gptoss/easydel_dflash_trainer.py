@@ -86,6 +86,10 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, read-only); the message names the last good one."""
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """A step's loss or gradient norm is NaN or Inf: training stops there, and nothing of that step is saved."""
+
+
 def _is_write_failure(e: BaseException) -> bool:
     """An OSError, or tensorstore's error text for one, anywhere in the exception's chain."""
     while e is not None:
@@ -348,6 +352,42 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
     def rows_per_step(self) -> int:
         """Rows one optimizer step reads: ``total_batch_size * gradient_accumulation_steps``."""
         return int(self.arguments.total_batch_size) * int(self.arguments.gradient_accumulation_steps)
+
+    def rows_of_step(self, step: int) -> np.ndarray:
+        """The cache rows the batch of optimizer step ``step`` (1-based) read, as :meth:`_stream` draws them."""
+        g = self.rows_per_step()
+        per_epoch = self.cache.num_items // g
+        epoch, index = divmod(int(step) - 1, per_epoch)
+        return self.cache.epoch_permutation(epoch)[index * g: (index + 1) * g]
+
+    # --- non-finite steps ---------------------------------------------------------
+    def on_step_start(self, state: Any, step: int) -> Any:
+        self._step_in_flight = int(step) + 1
+        return super().on_step_start(state=state, step=step)
+
+    def apply_training_hooks(self, metrics: Any) -> Any:
+        """Stop at the first step whose loss or gradient norm is not finite, before it is logged or saved.
+
+        The parameters after such a step are not finite either, so no checkpoint, evaluation or export
+        may follow: the error names the step, the cache rows its batch read and the last good checkpoint.
+        """
+        values = {"loss": metrics.loss, "gradient norm": metrics.max_grad_norm}
+        bad = {k: float(v) for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+        if bad:
+            from dflash_gptoss.checkpoints import newest_good
+
+            step = getattr(self, "_step_in_flight", None)
+            rows = self.rows_of_step(step).tolist() if step is not None else []
+            shown = ", ".join(map(str, rows[:16])) + (f", ... ({len(rows)} rows)" if len(rows) > 16 else "")
+            good = newest_good(Path(self.arguments.save_directory) / self.arguments.model_name)
+            what = " and ".join(f"the {k} is {v}" for k, v in bad.items())
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: {what}. Its batch read rows [{shown}] of the cache "
+                f"{self.cache.cache_dir}; nothing of this step was saved. "
+                + (f"The last good checkpoint is {good} (verified): continue from it with --resume, with a lower "
+                   "--learning-rate if the features are finite (scripts/dflash_verify.py checks the cache)."
+                   if good is not None else "No checkpoint of this run was saved before it."))
+        return super().apply_training_hooks(metrics)
 
     def _stream(self) -> Iterator[dict[str, jax.Array]]:
         """Infinite deterministic stream of global (dp-sharded) batches, epoch after epoch.

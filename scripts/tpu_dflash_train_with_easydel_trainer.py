@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from dflash_gptoss.easydel_dflash_trainer import (
         CheckpointWriteError,
         DFlashTrainingSettings,
+        NonFiniteTrainingError,
         build_trainer,
         run_training,
         sampled_accept_text,
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc).replace("\n", " "))
     try:
         summary = run_training(settings, built)
-    except (CheckpointWriteError, ExportCheckError, NonFiniteWeightsError) as exc:
+    except (CheckpointWriteError, ExportCheckError, NonFiniteWeightsError, NonFiniteTrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the export or another write after training

@@ -36,7 +36,7 @@ from dflash_gptoss.cache_format import META_FILE, CacheFormatError, Insufficient
 from dflash_gptoss.checkpoints import CheckpointError, checkpoint_to_resume
 from dflash_gptoss.config import target_layer_ids
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
-from dflash_gptoss.integrity import MANIFEST_NAME
+from dflash_gptoss.integrity import MANIFEST_NAME, write_manifest
 from dflash_gptoss.job_lock import LOCK_NAME, read_holder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,3 +476,29 @@ def test_verify_command_reports_each_folder(cache, trained, tmp_path) -> None:
     assert lines[0].startswith(f"ok {cache}: teacher-cache")
     assert lines[1].startswith(f"ok {trained / 'm' / 'run-2'}: draft-checkpoint")
     assert lines[2].startswith(f"DAMAGED {altered}") and "token_ids.npy does not match its checksum" in lines[2]
+
+
+# ----------------------------------------------------------------------------------- non-finite values
+def test_a_nan_feature_stops_training_at_its_step_and_nothing_of_it_is_saved(cache, tiny_teacher_dir,
+                                                                             tmp_path) -> None:
+    """One NaN feature in a cache row that step 2's batch reads (the manifest rewritten, as a cache built from a
+    broken teacher would have it): step 1 trains and is saved, step 2 stops the run, naming the step, its rows
+    and the good checkpoint, and nothing is exported."""
+    from dflash_gptoss.easydel_dflash_trainer import NonFiniteTrainingError, run_training
+
+    bad = _copy(cache, tmp_path / "nan_cache")
+    rows = DFlashCacheDataset(bad, seed=0).epoch_permutation(0)[8:16]  # step 2 of 8-row batches
+    features = np.load(bad / "features_u16.npy", mmap_mode="r+")
+    features[rows[3], 5, 7] = 0x7FC0  # bf16 NaN
+    features.flush()
+    del features
+    write_manifest(bad, kind="teacher-cache")
+    save = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteTrainingError) as info:
+        run_training(_settings(bad, tiny_teacher_dir, save, max_training_steps=3, export_dir=str(tmp_path / "draft")))
+    message = str(info.value)
+    assert message.startswith("training stopped at step 2: the loss is nan")
+    assert f"rows [{', '.join(map(str, rows.tolist()))}] of the cache {bad}" in message
+    assert f"The last good checkpoint is {save / 'm' / 'run-1'} (verified)" in message
+    assert sorted(p.name for p in (save / "m").glob("run-*")) == ["run-1"]
+    assert not (tmp_path / "draft").exists()
