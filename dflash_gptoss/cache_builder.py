@@ -737,16 +737,20 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         bar.set_postfix(tok_s=f"{done[0] * plan.window_len / max(time.perf_counter() - t0, 1e-9):.0f}")
 
     writer = _Writer(plan, arrays, on_chunk, checkpoint=not multi)
+    totals = FeatureTotals(len(plan.layer_ids))
     pending = None  # multi-host: end of the last chunk handed to the writer, not yet checkpointed
     try:
         for start in all_chunks(plan, plan.start_window):
             ids, valid = chunk_input_ids(plan, start)
             if multi:
-                lo, features, labels = teacher.forward_owned(ids)
+                lo, features, labels, stats = teacher.forward_owned(ids, with_stats=True)
                 ids = ids[lo: lo + len(features)]
             else:
-                lo, (features, labels) = 0, teacher.forward(ids)
+                lo, (features, labels, stats) = 0, teacher.forward(ids, with_stats=True)
             _check_output_shapes(plan, features, labels, rows=len(ids))
+            rows = max(0, min(valid - lo, len(ids)))  # the padding of a last chunk is not cache data
+            _check_finite(plan, stats[:rows], first_window=start + lo)
+            totals.add(stats[:rows], tokens=plan.window_len)
             emb = teacher.embed(ids[:, plan.ctx_len]) if plan.layout == "blocks" else None
             if pending is not None:  # the previous chunk was written while this forward ran
                 _checkpoint_shared(plan, writer, pending)
@@ -755,6 +759,9 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
             pending = start + valid if multi else None
         if pending is not None:
             _checkpoint_shared(plan, writer, pending)
+    except BaseException:
+        _release(plan)  # the cache stays incomplete and resumable; another job may take the folder
+        raise
     finally:
         writer.close()
         bar.close()
@@ -764,13 +771,56 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         for a in arrays.values():
             a.close()
         sync("dflash-cache-written")
-        meta = mark_complete(plan.out_dir, plan.meta) if is_main_process() else None
+        meta = mark_complete(plan.out_dir, totals.meta(plan)) if is_main_process() else None
         sync("dflash-cache-complete")
         meta = meta or read_json(plan.out_dir / META_FILE)
     else:
-        meta = mark_complete(plan.out_dir, plan.meta)
+        meta = mark_complete(plan.out_dir, totals.meta(plan))
     _release(plan)
     return BuildResult(plan.out_dir, done[0], done[0] * plan.window_len, seconds, meta)
+
+
+class NonFiniteFeaturesError(CacheBuildError):
+    """The teacher produced NaN or Inf features: the cache is never marked complete."""
+
+
+def _check_finite(plan: BuildPlan, stats: np.ndarray, first_window: int) -> None:
+    """Refuse a chunk whose features are not finite, naming the first window and the first layer."""
+    bad = np.argwhere(stats[..., 0] > 0)
+    if bad.size:
+        row, layer = (int(x) for x in bad[0])
+        raise NonFiniteFeaturesError(
+            f"the teacher's features are not finite at window {first_window + row} (target layer "
+            f"{plan.layer_ids[layer]}: {int(stats[row, layer, 0])} NaN/Inf values): the snapshot's weights "
+            f"({plan.snapshot_dir}) hold NaN or Inf, or --dtype {plan.dtype} overflows. The cache in "
+            f"{plan.out_dir} is left incomplete; fix the snapshot (or use --dtype float32), then rebuild with "
+            "--overwrite.")
+
+
+class FeatureTotals:
+    """Sums of the features this build computed, per target layer: ``meta.json``'s ``feature_stats``.
+
+    Windows written by an earlier, interrupted run of a resumed build are not re-read, and past one host
+    only this process's rows are counted: the statistics describe the windows named in ``windows``.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.sums = np.zeros((num_layers, 2), np.float64)
+        self.values = 0
+        self.windows = 0
+
+    def add(self, stats: np.ndarray, *, tokens: int) -> None:
+        self.sums += stats[..., 1:].astype(np.float64).sum(axis=0)
+        self.windows += len(stats)
+        self.values += len(stats) * tokens
+
+    def meta(self, plan: BuildPlan) -> dict[str, Any]:
+        """``plan.meta`` with ``feature_stats``: mean and RMS of each target layer's features."""
+        hidden = int(plan.meta["teacher"]["hidden_size"])
+        n = max(self.values * hidden, 1)
+        layers = [{"layer": int(layer), "mean": float(s / n), "rms": float(np.sqrt(q / n))}
+                  for layer, (s, q) in zip(plan.layer_ids, self.sums, strict=True)]
+        return dict(plan.meta, feature_stats={"windows": self.windows, "per_layer": layers})
 
 
 def _release(plan: BuildPlan) -> None:

@@ -337,8 +337,8 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def settings_of(meta: dict[str, Any]) -> dict[str, Any]:
-    """The part of meta.json that identifies a build (everything but its state)."""
-    return {k: v for k, v in meta.items() if k not in ("complete", "created_unix")}
+    """The part of meta.json that identifies a build (everything but its state and what it measured)."""
+    return {k: v for k, v in meta.items() if k not in ("complete", "created_unix", "feature_stats")}
 
 
 def settings_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

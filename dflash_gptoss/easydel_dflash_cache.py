@@ -32,6 +32,31 @@ class CacheMismatchError(ValueError):
     """The cache was built for other teacher/trainer settings than the caller's."""
 
 
+def check_feature_stats(meta: dict, cache_dir: Path) -> None:
+    """Refuse a cache whose recorded feature statistics are degenerate: a layer all zero, or constant.
+
+    Real hidden states vary across positions and channels (their standard deviation is of the order of
+    their RMS); a broken teacher (zeroed weights, a dead layer) gives zero or one repeated value, which
+    trains and exports a draft with no warning. ``feature_stats`` is recorded by the builder (caches
+    built before it have none, and are not checked).
+    """
+    stats = meta.get("feature_stats")
+    if not stats:
+        return
+    for layer in stats["per_layer"]:
+        mean, rms = float(layer["mean"]), float(layer["rms"])
+        if rms == 0.0:
+            what = "all zero (RMS 0)"
+        elif rms * rms - mean * mean <= 1e-8 * rms * rms:  # std below 1e-4 of the RMS: one repeated value
+            what = f"constant (every value {mean:.6g})"
+        else:
+            continue
+        raise CacheFormatError(
+            f"{cache_dir}: the features of target layer {layer['layer']} are {what} over the {stats['windows']} "
+            f"windows its build measured (meta.json feature_stats): the teacher that built it is broken. Rebuild "
+            "the cache from a good snapshot with --overwrite.")
+
+
 def resolve_check(cache_dir: Path, verify: str) -> str:
     """``verify`` "auto" -> "full" for a cache up to ``integrity.AUTO_FULL_BYTES``, else "size"."""
     from dflash_gptoss.integrity import AUTO_FULL_BYTES, CHECKS, IntegrityError, read_manifest
@@ -131,6 +156,7 @@ class DFlashCacheDataset:
             )
         self.verified = resolve_check(self.cache_dir, verify)
         verify_cache_files(self.cache_dir, self.verified)
+        check_feature_stats(self.meta, self.cache_dir)
         self.specs = specs_from_meta(self.meta)
         self.arrays = open_memmaps(self.cache_dir, self.specs, mode="r")
         self.layout: str = self.meta["layout"]

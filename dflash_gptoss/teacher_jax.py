@@ -66,8 +66,10 @@ def validate_layout(cfg: dict[str, Any], layer_ids: list[int], dp: int, tp: int,
 def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: Any) -> tuple[Any, Any]:
     """The cache builder's jitted teacher forward and the sharding of its ``input_ids`` (dp rows).
 
-    ``fn(state, input_ids int32 [b, T]) -> (features [b, T, K*H] in dtype, labels int32 [b, T])``:
-    the outputs of ``layer_ids`` concatenated, and the argmax of the logits, both on device.
+    ``fn(state, input_ids int32 [b, T]) -> (features [b, T, K*H] in dtype, labels int32 [b, T],
+    stats float32 [b, K, 3])``: the outputs of ``layer_ids`` concatenated, the argmax of the logits,
+    and per row and layer the number of non-finite values, their sum and their sum of squares (the
+    build's finiteness check and ``meta.json``'s feature statistics, reduced on device for free).
     One definition for the real build (:class:`JaxTeacher`) and the TPU planner
     (:mod:`dflash_gptoss.tpu_plan`), so a plan compiles exactly what a build runs.
     """
@@ -88,9 +90,21 @@ def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: An
         feats, logits = decoder_forward(model, input_ids, layer_ids)
         features = jnp.concatenate([f.astype(out_dtype) for f in feats], axis=-1)
         labels = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
-        return features, labels
+        return features, labels, jnp.stack([_layer_stats(f.astype(out_dtype)) for f in feats], axis=1)
 
-    return jax.jit(_fwd, out_shardings=(feat_sharding, ids_sharding)), ids_sharding
+    stats_sharding = NamedSharding(mesh, PartitionSpec("dp", None, None))
+    return jax.jit(_fwd, out_shardings=(feat_sharding, ids_sharding, stats_sharding)), ids_sharding
+
+
+def _layer_stats(feature: Any) -> Any:
+    """[b, T, H] -> [b, 3]: non-finite count, sum and sum of squares of the finite values (float32)."""
+    import jax.numpy as jnp
+
+    x = feature.astype(jnp.float32)
+    finite = jnp.isfinite(x)
+    x = jnp.where(finite, x, 0.0)
+    return jnp.stack([jnp.sum(~finite, axis=(1, 2)).astype(jnp.float32), jnp.sum(x, axis=(1, 2)),
+                      jnp.sum(x * x, axis=(1, 2))], axis=-1)
 
 
 def _to_host(x: Any) -> np.ndarray:
@@ -152,15 +166,17 @@ class JaxTeacher:
 
         self._top_probs = jax.jit(_top_probs, static_argnums=(3,))
 
-    def forward(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """int32 ``[b, T]`` -> (features ``[b, T, K*H]`` in ``dtype``, labels int32 ``[b, T]``)."""
+    def forward(self, input_ids: np.ndarray, *, with_stats: bool = False) -> tuple[np.ndarray, ...]:
+        """int32 ``[b, T]`` -> (features ``[b, T, K*H]`` in ``dtype``, labels int32 ``[b, T]``), and with
+        ``with_stats`` the per-row, per-layer statistics ``[b, K, 3]`` of :func:`teacher_forward_fn`."""
         ids_dev = self._device_ids(input_ids)
         with self.mesh:
-            features, labels = self._fwd(self._state, ids_dev)
-        return np.asarray(features), np.asarray(labels)
+            features, labels, stats = self._fwd(self._state, ids_dev)
+        out = (np.asarray(features), np.asarray(labels))
+        return (*out, np.asarray(stats)) if with_stats else out
 
-    def forward_owned(self, input_ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        """Multi-host form of :meth:`forward`: ``(lo, features, labels)`` for rows ``lo..`` of the batch.
+    def forward_owned(self, input_ids: np.ndarray, *, with_stats: bool = False) -> tuple[Any, ...]:
+        """Multi-host form of :meth:`forward`: ``(lo, features, labels[, stats])`` for rows ``lo..`` of the batch.
 
         Every process passes the same global ``input_ids`` ``[b, T]`` but only the rows its own
         devices hold go to the devices; the rows returned are those whose primary copy this process
@@ -174,12 +190,13 @@ class JaxTeacher:
         lo, hi = process_row_range(self._in_sharding, ids.shape)
         ids_dev = jax.make_array_from_process_local_data(self._in_sharding, ids[lo:hi], ids.shape)
         with self.mesh:
-            features, labels = self._fwd(self._state, ids_dev)
+            features, labels, stats = self._fwd(self._state, ids_dev)
         f_lo, f_rows = local_rows(features)
         l_lo, l_rows = local_rows(labels)
-        if (f_lo, len(f_rows)) != (l_lo, len(l_rows)):
+        s_lo, s_rows = local_rows(stats)
+        if not (f_lo, len(f_rows)) == (l_lo, len(l_rows)) == (s_lo, len(s_rows)):
             raise RuntimeError(f"features rows {f_lo}+{len(f_rows)} and labels rows {l_lo}+{len(l_rows)} differ.")
-        return f_lo, f_rows, l_rows
+        return (f_lo, f_rows, l_rows, s_rows) if with_stats else (f_lo, f_rows, l_rows)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """float32 logits ``[b, T, V]`` (for parity checks; the cache never needs them)."""

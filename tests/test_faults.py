@@ -502,3 +502,52 @@ def test_a_nan_feature_stops_training_at_its_step_and_nothing_of_it_is_saved(cac
     assert f"The last good checkpoint is {save / 'm' / 'run-1'} (verified)" in message
     assert sorted(p.name for p in (save / "m").glob("run-*")) == ["run-1"]
     assert not (tmp_path / "draft").exists()
+
+
+def _damaged_teacher(tiny_teacher_dir: Path, dst: Path, damage) -> Path:
+    """A copy of the tiny teacher whose tensors ``damage(name, array)`` rewrote (returns the new array)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny_teacher_dir, dst, ignore=shutil.ignore_patterns(LOCK_NAME))
+    tensors = {k: damage(k, v.copy()) for k, v in load_file(str(dst / "model.safetensors")).items()}
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_a_nan_weight_stops_the_cache_build_at_its_first_window(cache, tiny_teacher_dir, tmp_path) -> None:
+    """A snapshot with one NaN weight in layer 2: the build stops at window 0 naming target layer 2 (the first
+    target layer after it), and the cache is never marked complete. A good build records per-layer stats."""
+    from dflash_gptoss.cache_builder import NonFiniteFeaturesError, build_teacher_cache
+
+    def one_nan(name: str, a: np.ndarray) -> np.ndarray:
+        if name == "model.layers.2.mlp.router.weight":
+            a.flat[0] = np.nan
+        return a
+
+    snapshot = _damaged_teacher(tiny_teacher_dir, tmp_path / "nan_teacher", one_nan)
+    assert target_layer_ids(6, K) == [1, 2, 3]
+    out = tmp_path / "nan_cache"
+    with pytest.raises(NonFiniteFeaturesError, match=r"the teacher's features are not finite at window 0 \(target "
+                                                     r"layer 2: \d+ NaN/Inf values\).* left incomplete"):
+        build_teacher_cache(snapshot, out, progress=False, **BUILD)
+    assert read_json(out / META_FILE)["complete"] is False
+    with pytest.raises(CacheFormatError, match="INCOMPLETE"):
+        DFlashCacheDataset(out)
+    stats = read_json(cache / META_FILE)["feature_stats"]  # the good build's record
+    assert stats["windows"] == N and [s["layer"] for s in stats["per_layer"]] == [1, 2, 3]
+    # real hidden states vary: their variance is a good part of their mean square
+    assert all(s["rms"] ** 2 - s["mean"] ** 2 > 0.01 * s["rms"] ** 2 for s in stats["per_layer"])
+
+
+def test_a_cache_of_all_zero_features_is_refused_when_opened(tiny_teacher_dir, tmp_path) -> None:
+    """A teacher whose every weight is zero gives finite, all-zero features: the build completes (nothing is
+    non-finite) and records RMS 0; opening the cache for training refuses it, naming the layer."""
+    from dflash_gptoss.cache_builder import build_teacher_cache
+
+    snapshot = _damaged_teacher(tiny_teacher_dir, tmp_path / "zero_teacher", lambda name, a: np.zeros_like(a))
+    out = tmp_path / "zero_cache"
+    build_teacher_cache(snapshot, out, progress=False, **BUILD)
+    assert read_json(out / META_FILE)["feature_stats"]["per_layer"][0] == {"layer": 1, "mean": 0.0, "rms": 0.0}
+    with pytest.raises(CacheFormatError, match=r"the features of target layer 1 are all zero \(RMS 0\) over the "
+                                               rf"{N} windows its build measured"):
+        DFlashCacheDataset(out)
