@@ -106,6 +106,7 @@ class BuildPlan:
     already_complete: bool = False
     stale_files: list[Path] = field(default_factory=list)
     lock: DirLock | None = None  # the out-dir's writer lock (process 0), held until the build ends
+    created_out_dir: bool = False  # the plan made the out-dir (a refusal before any write removes it again)
 
     @property
     def window_len(self) -> int:
@@ -365,12 +366,6 @@ def plan_teacher_cache(
     cfg, layer_ids = check_build_geometry(snapshot, layout=layout, ctx_len=ctx_len, block_size=block_size,
                                           num_context_features=num_context_features, num_blocks=num_blocks,
                                           batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
-    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
-
-    try:  # the weights' headers and the tokenizer, before any folder is made or teacher loaded
-        validate_snapshot(snapshot)
-    except SnapshotError as e:
-        raise CacheBuildError(str(e)) from e
     tokens, response = load_token_stream(data, snapshot, cfg)
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:
@@ -428,6 +423,7 @@ def plan_teacher_cache(
             shutil.rmtree(out, ignore_errors=True)  # only our lock file: leave no trace of a refused build
         raise
     return BuildPlan(
+        created_out_dir=not existed,
         out_dir=out,
         snapshot_dir=snapshot,
         layout=layout,
@@ -609,6 +605,23 @@ def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
     _flush(arrays)
     write_progress(plan.out_dir, 0, plan.num_windows)
     return arrays
+
+
+def check_teacher_snapshot(plan: BuildPlan) -> None:
+    """The snapshot's weights (every tensor's header) before the out-dir is touched or the teacher loads, so a
+    damaged snapshot leaves no cache folder behind. A plan reads ``config.json``, and ``tokenizer.json``
+    when its data needs tokenizing (``cache_data``), each through the same validator."""
+    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
+
+    if plan.already_complete:
+        return
+    try:
+        validate_snapshot(plan.snapshot_dir, tokenizer=False)
+    except SnapshotError as e:
+        _release(plan)
+        if plan.created_out_dir and _is_empty(plan.out_dir):
+            shutil.rmtree(plan.out_dir, ignore_errors=True)  # only the plan's lock file: leave no trace
+        raise CacheBuildError(str(e)) from e
 
 
 def load_teacher(plan: BuildPlan) -> Any:
@@ -844,6 +857,8 @@ def build_teacher_cache(
     compiled forward across builds.
     """
     plan = plan_teacher_cache(model_snapshot_dir, out_dir, **settings)
+    if teacher is None:
+        check_teacher_snapshot(plan)
     arrays = open_out_dir(plan)
     if plan.already_complete:
         return run_plan(plan, None, progress=progress, arrays=arrays)

@@ -48,6 +48,12 @@ def _load_tokenizer(snapshot_dir: Path) -> Any:
         )
     from transformers import AutoTokenizer
 
+    from dflash_gptoss.snapshot import SnapshotError, check_tokenizer
+
+    try:
+        check_tokenizer(snapshot_dir)  # a damaged tokenizer.json is named, with the line and column
+    except SnapshotError as e:
+        raise CacheBuildError(str(e)) from e
     return AutoTokenizer.from_pretrained(str(snapshot_dir))
 
 

@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan_tpu:  # plan for a named TPU instead of building: no data read, nothing written but the plan
         return run_plans(args, args.plan_tpu, ("cache",), args.plan_json)
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
-    from dflash_gptoss.cache_builder import load_teacher, open_out_dir, plan_teacher_cache, run_plan
+    from dflash_gptoss.cache_builder import (
+        check_teacher_snapshot,
+        load_teacher,
+        open_out_dir,
+        plan_teacher_cache,
+        run_plan,
+    )
     from dflash_gptoss.cache_format import bytes_per_window
     from dflash_gptoss.preflight import write_failure_message
 
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             free_bytes=args.assume_free_bytes,
         )
+        check_teacher_snapshot(plan)  # weights' headers and tokenizer: a damaged snapshot leaves no folder behind
         arrays = open_out_dir(plan)  # the cache's disk space is reserved here, before the teacher loads
         teacher = None if plan.already_complete else load_teacher(plan)  # heavy: jax/easydel from here
     except (ValueError, OSError) as e:
