@@ -142,9 +142,8 @@ class BenchSettings:
             raise ValueError(f"--repeats must be >= 1, got {self.repeats}.")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}.")
-        if self.draft not in ("oracle", "random") and not Path(self.draft).expanduser().is_dir():
-            raise FileNotFoundError(f"--draft {self.draft!r} is not a folder; pass an exported draft folder "
-                                    "(config.json + model.safetensors), 'oracle' or 'random'.")
+        if self.draft not in ("oracle", "random"):
+            check_draft_folder(self.draft)
 
     def repeats_for(self, device: torch.device) -> int:
         return self.repeats if self.repeats is not None else DEFAULT_REPEATS.get(device.type, 3)
@@ -167,6 +166,26 @@ GUARANTEES = {
 def call_seed(seed: int, prompt_index: int, loop: int) -> int:
     """The generator seed of one loop call at T > 0: the same for every repeat, distinct per prompt and loop."""
     return int(np.random.SeedSequence([seed, prompt_index, loop]).generate_state(1)[0])
+
+
+def check_draft_folder(draft: str) -> None:
+    """A draft folder whose ``config.json`` parses and whose weights are all on disk, before any model loads."""
+    from dflash_gptoss.snapshot import SnapshotError, read_json_file, read_safetensors_header
+
+    folder = Path(draft).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--draft {draft!r} is not a folder; pass an exported draft folder "
+                                "(config.json + model.safetensors), 'oracle' or 'random'.")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise FileNotFoundError(f"--draft {draft!r} holds no config.json and *.safetensors; pass an exported draft "
+                                "folder (the trainer's --export-dir).")
+    try:
+        read_json_file(folder / "config.json", "the draft's config.json")
+        for file in weights:
+            read_safetensors_header(file)
+    except SnapshotError as e:
+        raise ValueError(f"--draft {draft!r}: {e}") from e
 
 
 def check_positions(prompt_lengths: list[int], max_new_tokens: int, max_positions: int | None) -> None:

@@ -626,10 +626,11 @@ def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int
     is given, else Nones."""
     if not s.eval_cache_dir:
         return None, None, None
-    from dflash_gptoss.heldout_eval import EvalCacheError, build_eval_set, check_eval_cache
+    from dflash_gptoss.heldout_eval import EvalCacheError, build_eval_set, check_eval_cache, check_held_out
 
     eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
+    check_held_out(ds, eval_ds, s.eval_cache_dir)
     if s.eval_temperature is not None and eval_ds.layout != "windows":
         raise EvalCacheError(f"--eval-temperature needs a 'windows'-layout eval cache (its token ids give the teacher "
                              f"its input), but {s.eval_cache_dir} is {eval_ds.layout!r}; build the held-out cache "

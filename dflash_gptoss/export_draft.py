@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 import uuid
@@ -81,6 +82,7 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None]) 
     """
     out = check_export_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
@@ -99,6 +101,20 @@ def write_folder_atomically(out_dir: str | Path, write: Callable[[Path], None]) 
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the hidden ``.<export>.tmp-*`` / ``.<export>.old-*`` folders a killed export left beside ``out``
+    (each up to a draft's size), saying so in one line; returns what was removed."""
+    left = sorted(p for p in out.parent.glob(f".{out.name}.*-*")
+                  if p.is_dir() and p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")))
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    if left:
+        logging.getLogger(__name__).warning(
+            f"removed {len(left)} folder(s) left beside {out} by an export that was killed: "
+            + ", ".join(p.name for p in left))
+    return left
 
 
 def torch_name(path: tuple[str, ...]) -> str:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,43 @@ def check_eval_cache(train_meta: dict[str, Any], eval_meta: dict[str, Any], eval
         raise EvalCacheError(f"--eval-cache-dir {eval_dir} does not match the training cache (" + "; ".join(diff)
                              + "); build it from held-out data with the same teacher and the same --layout, "
                              "--ctx-len, --block-size and --num-context-features.")
+
+
+def window_digests(ds: Any) -> dict[bytes, int]:
+    """sha256 of each window's token ids -> its row (``windows`` layout: the teacher's whole input per row)."""
+    import hashlib
+
+    tokens = ds.arrays["token_ids"]
+    return {hashlib.sha256(np.ascontiguousarray(tokens[r]).tobytes()).digest(): r for r in range(ds.num_items)}
+
+
+def check_held_out(train_ds: Any, eval_ds: Any, eval_dir: Any) -> None:
+    """The eval cache must be held out: not the training cache, and no window's token sequence in both.
+
+    ``windows`` caches are compared window by window (a digest of each row's token ids); ``blocks``
+    caches store no context tokens, so two of them held out must come from different data (their
+    ``tokens_sha256`` differ).
+    """
+    same_dir = Path(train_ds.cache_dir).resolve() == Path(eval_dir).resolve()
+    same_data = train_ds.meta["data"].get("tokens_sha256") == eval_ds.meta["data"].get("tokens_sha256")
+    if same_dir or (same_data and train_ds.meta.get("seed") == eval_ds.meta.get("seed")):
+        raise EvalCacheError(f"--eval-cache-dir {eval_dir} is the training cache {train_ds.cache_dir} (same data, "
+                             "same seed): its figures would not be held out. Build the eval cache from data the "
+                             "training cache never saw (scripts/generate_teacher_data.py --split heldout).")
+    if train_ds.layout == "blocks":
+        if same_data:
+            digest = eval_ds.meta["data"]["tokens_sha256"][:16]
+            raise EvalCacheError(f"--eval-cache-dir {eval_dir} was built from the same data as the training cache "
+                                 f"{train_ds.cache_dir} (tokens_sha256 {digest}...); in the blocks layout their "
+                                 "windows cannot be told apart. Build it from held-out data.")
+        return
+    train = window_digests(train_ds)
+    shared = [(train[d], r) for d, r in window_digests(eval_ds).items() if d in train]
+    if shared:
+        t, e = shared[0]
+        raise EvalCacheError(f"--eval-cache-dir {eval_dir} shares {len(shared)} window(s) with the training cache "
+                             f"{train_ds.cache_dir} (e.g. its row {e} is training row {t}, token for token): its "
+                             "figures would not be held out. Build it from data the training cache never saw.")
 
 
 @dataclass

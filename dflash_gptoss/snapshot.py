@@ -26,17 +26,17 @@ class SnapshotError(ValueError):
     """A snapshot folder that cannot be used; the message names the file and what is wrong with it."""
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json_file(path: Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise SnapshotError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start}); the snapshot is "
-                            "damaged: download it again.") from e
+        raise SnapshotError(f"{path}: {what} is not UTF-8 text ({e.reason} at byte {e.start}); the file is "
+                            "damaged: write or download it again.") from e
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SnapshotError(f"{path}:{e.lineno}:{e.colno}: {what} is not valid JSON ({e.msg}); the snapshot is "
-                            "damaged or was edited by hand: download it again.") from e
+                            "damaged or was edited by hand: write or download it again.") from e
 
 
 def read_config(snapshot_dir: str | Path) -> dict[str, Any]:
@@ -48,7 +48,7 @@ def read_config(snapshot_dir: str | Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise SnapshotError(f"{str(path)!r} has no config.json; it is not a Hugging Face snapshot folder.")
-    cfg = _read_json(config_file, "config.json")
+    cfg = read_json_file(config_file, "config.json")
     if not isinstance(cfg, dict):
         raise SnapshotError(f"{config_file}: config.json holds a {type(cfg).__name__}, not an object.")
     if cfg.get("model_type") != "gpt_oss":
@@ -108,17 +108,17 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         head = fh.read(8)
         if len(head) < 8:
             raise SnapshotError(f"{path}: {size} bytes, too short for a safetensors file; the file is truncated: "
-                                "download it again.")
+                                "write or download it again.")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise SnapshotError(f"{path}: its header claims {n} bytes but the file has {size}; the file is truncated: "
-                                "download it again.")
+                                "write or download it again.")
         raw = fh.read(n)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SnapshotError(f"{path}: the safetensors header is not valid JSON ({e}); the file is damaged: download "
-                            "it again.") from e
+        raise SnapshotError(f"{path}: the safetensors header is not valid JSON ({e}); the file is damaged: write "
+                            "or download it again.") from e
     out, end = {}, 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -127,7 +127,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         end = max(end, int(info["data_offsets"][1]))
     if 8 + n + end > size:
         raise SnapshotError(f"{path}: its tensors need {8 + n + end} bytes but the file has {size}; the file is "
-                            "truncated: download it again.")
+                            "truncated: write or download it again.")
     return out
 
 
@@ -160,7 +160,7 @@ def check_tokenizer(snapshot_dir: str | Path) -> None:
     path = Path(snapshot_dir).expanduser() / "tokenizer.json"
     if not path.is_file():
         raise SnapshotError(f"{path} does not exist; the snapshot needs its tokenizer (tokenizer.json).")
-    _read_json(path, "tokenizer.json")
+    read_json_file(path, "tokenizer.json")
     from tokenizers import Tokenizer
 
     try:

@@ -329,3 +329,50 @@ def test_trainer_cli_refuses_a_non_draft_export_dir_before_training(tmp_path):
     assert len(errors) == 1 and f"export folder '{precious}' exists and is not a DFlash draft" in errors[0]
     assert "Traceback" not in proc.stderr
     assert [p.name for p in precious.iterdir()] == ["notes.txt"] and not (tmp_path / "ckpt").exists()
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path, caplog):
+    """A SIGKILLed export leaves a hidden ``.<export>.tmp-*`` folder (up to a draft's size): the next export
+    removes it and says so in one line."""
+    draft = _tiny_draft()
+    out = tmp_path / "draft"
+    left = tmp_path / ".draft.tmp-abc123"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"\0" * 1024)
+    old = tmp_path / ".draft.old-1234abcd"
+    old.mkdir()
+    unrelated = tmp_path / ".other.tmp-zzz"
+    unrelated.mkdir()
+    with caplog.at_level("WARNING", logger="dflash_gptoss.export_draft"):
+        export_nnx_draft(_as_nnx_params(draft), draft.config, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-zzz", "draft"]
+    [record] = [r for r in caplog.records if r.name == "dflash_gptoss.export_draft"]
+    assert record.getMessage() == (f"removed 2 folder(s) left beside {out} by an export that was killed: "
+                                   ".draft.old-1234abcd, .draft.tmp-abc123")
+
+
+def test_a_damaged_draft_folder_is_exit_2_naming_the_file_before_the_target_loads(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import dflash_benchmark
+    finally:
+        sys.path.pop(0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the target was loaded before the bad draft was refused")
+
+    monkeypatch.setattr("dflash_gptoss.target.load_target", refuse)
+    draft = _tiny_draft()
+    folder = tmp_path / "draft"
+    draft.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    capsys.readouterr()  # (the save's progress bar)
+    assert dflash_benchmark.main(["--target", "tiny", "--draft", str(folder), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --draft '{folder}': {weights}: its tensors need {size} bytes but the file has "
+                   f"{size // 2}; the file is truncated: write or download it again.\n")
+    (folder / "config.json").write_text('{"model_type": "qwen3",')
+    assert dflash_benchmark.main(["--target", "tiny", "--draft", str(folder), "--out-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --draft '{folder}': {folder / 'config.json'}:1:")

@@ -242,6 +242,20 @@ def test_bad_eval_inputs_are_refused_before_training(caches, tiny_teacher_dir, t
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, eval_steps=None))
     with pytest.raises(TrainerInputError, match="--eval-steps needs --eval-cache-dir"):
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, keep_best=False))
+    # the training cache itself, and a cache that shares its windows (same data, the seed relabelled), are not
+    # held out
+    with pytest.raises(EvalCacheError, match=r"is the training cache .* its figures would not be held out"):
+        build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=str(caches["train"])))
+    from dflash_gptoss.cache_format import write_json_atomic
+    from dflash_gptoss.integrity import write_manifest
+
+    shutil.copytree(caches["train"], tmp_path / "relabelled")
+    relabelled = dict(read_meta(tmp_path / "relabelled"), seed=7)
+    write_json_atomic(tmp_path / "relabelled" / "meta.json", relabelled)
+    write_manifest(tmp_path / "relabelled", kind="teacher-cache")
+    with pytest.raises(EvalCacheError, match=r"shares 64 window\(s\) with the training cache .* \(e\.g\. its row "
+                                             r"0 is training row 0, token for token\)"):
+        build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=str(tmp_path / "relabelled")))
     with pytest.raises(TrainerInputError, match="--eval-temperature needs --eval-cache-dir"):
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=None, keep_best=False,
                                 eval_steps=None))
