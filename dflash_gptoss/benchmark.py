@@ -79,7 +79,8 @@ from dflash_gptoss.decoding import (
     speculative_decode,
 )
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
-from dflash_gptoss.preflight import check_file_stem, check_output_dir, check_output_files
+from dflash_gptoss.preflight import OutputPathError, check_file_stem, check_output_dir, check_output_files
+from dflash_gptoss.report_stem import Stem, reserve, still_ours
 from dflash_gptoss.target import TargetRunner, new_target_cache
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
@@ -637,28 +638,39 @@ def slot_line(slots: list[dict[str, Any]]) -> str:
 REPORT_FILES = ("{stem}.json", "{stem}_acceptance.png")
 
 
-def prepare_outputs(out_dir: str | Path, stem: str | None = None) -> tuple[Path, str]:
-    """Check, before any model work, that the report can be written: (out folder, file stem).
+def prepare_outputs(out_dir: str | Path, stem: str | None = None) -> tuple[Path, Stem]:
+    """Check, before any model work, that the report can be written, and take its stem: (out folder, stem).
 
-    The default stem ``bench_<UTC>`` takes the start time of the run.
+    The default stem ``bench_<UTC>`` takes the start time of the run (``_2``, ``_3``, ... when another run took
+    it in the same second); an explicit stem that another run holds, or an earlier report has, is refused
+    (``report_stem``).
     """
     out = check_output_dir(out_dir, "--out-dir", create=True)
-    stem = check_file_stem(stem, "--report-name") if stem is not None else (
+    explicit = stem is not None
+    name = check_file_stem(stem, "--report-name") if explicit else (
         "bench_" + datetime.now(UTC).strftime("%Y%m%d_%H%M%S"))
-    check_output_files([out / name.format(stem=stem) for name in REPORT_FILES], "--out-dir/--report-name")
-    return out, stem
+    check_output_files([out / f.format(stem=name) for f in REPORT_FILES], "--out-dir/--report-name")
+    return out, reserve(out, name, unique=not explicit, siblings=REPORT_FILES[1:])
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, *, stem: str | None = None) -> tuple[Path, Path]:
-    """``<stem>.json`` and a PNG histogram of accepted lengths beside it, each written whole or not at all."""
-    out, stem = prepare_outputs(out_dir, stem)
-    json_path, png_path = (out / name.format(stem=stem) for name in REPORT_FILES)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(json_path)
+def write_report(report: dict[str, Any], out_dir: str | Path, *, stem: Stem | str | None = None) -> tuple[Path, Path]:
+    """``<stem>.json`` and a PNG histogram of accepted lengths beside it, each written whole or not at all.
+
+    ``stem`` is the one :func:`prepare_outputs` took (else one is taken now). The PNG is written first and
+    the JSON last, over the stem's reservation, and only while the reservation is still this run's: a
+    report's JSON and PNG always come from the same run.
+    """
+    held = stem if isinstance(stem, Stem) else prepare_outputs(out_dir, stem)[1]
+    json_path, png_path = (held.folder / name.format(stem=held.name) for name in REPORT_FILES)
+    if not still_ours(held):
+        raise OutputPathError(f"{json_path}: this run's reservation of the report name was replaced by another "
+                              "run; nothing was written. Rerun with another --report-name.")
     tmp = png_path.with_name(png_path.name + ".tmp")
     plot_acceptance(report, tmp)
     tmp.replace(png_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(json_path)
     return json_path, png_path
 
 

@@ -46,6 +46,7 @@ from dflash_gptoss.benchmark import (  # noqa: E402
     write_report,
 )
 from dflash_gptoss.cli_types import positive_int  # noqa: E402
+from dflash_gptoss.report_stem import release  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -123,15 +124,23 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--top-p {args.top_p} needs --temperature > 0 (without it decoding is greedy, which "
                              f"no top-p cut changes); pass e.g. --temperature 1.0 --top-p {args.top_p}.")
         settings.validate()
-        out_dir, stem = prepare_outputs(args.out_dir, args.report_name)  # before any model work
+        out_dir, stem = prepare_outputs(args.out_dir, args.report_name)  # before any model work; takes the stem
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         report = benchmark_snapshot(
             args.target, settings, prompts_file=args.prompts_file, num_prompts=args.num_prompts,
             prompt_tokens=args.prompt_tokens, chat=args.chat, device=args.device, dtype=args.dtype,
             stop_at_eos=args.stop_at_eos,
         )
     except (ValueError, FileNotFoundError) as err:
+        release(stem)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        release(stem)  # Ctrl-C or a crash: the name is free again
+        raise
     json_path, png_path = write_report(report, out_dir, stem=stem)
     print("\n".join(summary_lines(report)))
     print(f"wrote {json_path} and {png_path}")

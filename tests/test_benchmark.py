@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -331,3 +332,56 @@ def test_cli_at_temperature_one_reports_the_distribution_guarantee(tiny_teacher_
         for row in report["per_prompt"]:
             for length, probs in zip(row["accepted_lengths"], row["slot_accept_probs"], strict=True):
                 assert len(probs) in (length, length - 1)  # the rejected slot is counted; all-accepted has none
+
+
+def test_report_stems_are_taken_exclusively(tmp_path, monkeypatch):
+    """Two runs never write one stem: a default stem taken in the same second becomes ``_2``; an explicit one
+    is refused naming the running holder or the earlier report; a killed run's reservation is taken over."""
+    import subprocess
+
+    from dflash_gptoss.benchmark import prepare_outputs, write_report
+    from dflash_gptoss.preflight import OutputPathError
+    from dflash_gptoss.report_stem import release
+
+    class Frozen:  # two runs that start in the same second
+        @staticmethod
+        def now(tz=None):
+            import datetime as dt
+
+            return dt.datetime(2026, 12, 4, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr("dflash_gptoss.benchmark.datetime", Frozen)
+    _, first = prepare_outputs(tmp_path)
+    _, second = prepare_outputs(tmp_path)
+    assert (first.name, second.name) == ("bench_20261204_120000", "bench_20261204_120000_2")
+
+    _, mine = prepare_outputs(tmp_path, "shared")
+    with pytest.raises(OutputPathError, match=rf"--report-name shared: {tmp_path / 'shared.json'} is reserved by a "
+                                              rf"running benchmark \(pid {os.getpid()} on "):
+        prepare_outputs(tmp_path, "shared")
+    report = {"settings": {"block_size": 2}, "acceptance_hist": {"1": 3}, "teacher": "t", "draft": "d",
+              "device": "cpu", "dtype": "float32", "acceptance_mean": 1.0, "noisy": False, "speedup": 1.0,
+              "speedup_per_prompt": None}
+    json_path, png_path = write_report(report, tmp_path, stem=mine)
+    assert json.loads(json_path.read_text()) == report and png_path.is_file()
+    with pytest.raises(OutputPathError, match=r"already holds an earlier report; pass another --report-name"):
+        prepare_outputs(tmp_path, "shared")
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "killed.json").write_text(json.dumps({"reserved_by": {
+        "pid": int(dead.stdout), "host": __import__("socket").gethostname(), "token": "x", "started_utc": "then"}}))
+    _, taken_over = prepare_outputs(tmp_path, "killed")  # its process is gone
+    assert taken_over.name == "killed"
+    release(taken_over)
+    assert not (tmp_path / "killed.json").exists()
+
+
+def test_a_report_whose_reservation_was_replaced_is_not_written(tmp_path):
+    from dflash_gptoss.benchmark import prepare_outputs, write_report
+    from dflash_gptoss.preflight import OutputPathError
+
+    _, stem = prepare_outputs(tmp_path, "r")
+    (tmp_path / "r.json").write_text(json.dumps({"reserved_by": {"pid": 1, "host": "elsewhere", "token": "other"}}))
+    with pytest.raises(OutputPathError, match="reservation of the report name was replaced by another run"):
+        write_report({}, tmp_path, stem=stem)
+    assert not (tmp_path / "r_acceptance.png").exists()
