@@ -111,9 +111,32 @@ def write_run_record(run_dir: Path, record: dict[str, Any]) -> None:
     write_json_atomic(run_dir / RUN_FILE, record)
 
 
-def check_resume_matches(checkpoint: Path, record: dict[str, Any]) -> None:
+def _data_switches(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, dict, dict]]:
+    """The caches (training, eval) whose manifest differs from the one the run recorded: (flag, before, now)."""
+    switched = []
+    for key, flag in (("cache", "--cache-dir"), ("eval_cache", "--eval-cache-dir")):
+        old, new = before.get(key), now.get(key)
+        if old is None and new is None:
+            continue
+        if (old or {}).get("manifest_sha256") != (new or {}).get("manifest_sha256"):
+            switched.append((flag, old or {}, new or {}))
+    return switched
+
+
+def _describe(cache: dict[str, Any]) -> str:
+    if not cache:
+        return "none"
+    digest = cache.get("manifest_sha256")
+    return f"{cache.get('dir')} (manifest sha256 {digest[:12] if digest else 'none'}...)"
+
+
+def check_resume_matches(checkpoint: Path, record: dict[str, Any], *, allow_new_cache: bool = False) -> None:
     """CheckpointError listing every setting that differs from the run's (its ``dflash_run.json`` and the
-    checkpoint's own ``config.json``)."""
+    checkpoint's own ``config.json``).
+
+    The data a run learns from is pinned: a cache (or eval cache) whose manifest is not the one the run
+    recorded is refused naming both, unless ``allow_new_cache``, which records the switch in the run file.
+    Settings a run record predates (keys it does not hold) are not compared."""
     problems = []
     cfg_path = checkpoint / "config.json"
     try:
@@ -124,11 +147,27 @@ def check_resume_matches(checkpoint: Path, record: dict[str, Any]) -> None:
         if saved.get(key) != want:
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, now {want!r} ({FLAG_OF.get(key, key)})")
     run_file = checkpoint.parent / RUN_FILE
+    switches: list[tuple[str, dict, dict]] = []
+    saved_record: dict[str, Any] = {}
     if run_file.is_file():
-        before = json.loads(run_file.read_text()).get("fixed", {})
+        saved_record = json.loads(run_file.read_text())
+        before = saved_record.get("fixed", {})
         problems += [f"{key}: the run started with {before.get(key)!r}, now {value!r}"
                      for key, value in record["fixed"].items() if key in before and before[key] != value]
+        if "data" in saved_record and "data" in record:
+            switches = _data_switches(saved_record["data"], record["data"])
+    if switches and not allow_new_cache:
+        problems += [f"{flag}: the run trained on {_describe(old)}, now {_describe(new)} (pass --allow-new-cache to "
+                     "switch deliberately)" for flag, old, new in switches]
     if problems:
         raise CheckpointError(f"--resume from {checkpoint}: " + "; ".join(problems) + ". A resumed run must keep "
                               "the draft's shape and its data stream; start a new run with another --model-name "
                               "to change them.")
+    from dflash_gptoss.distributed import is_main_process
+
+    if switches and is_main_process():  # allowed: record what the run learns from from this step on
+        step = int(checkpoint.name[4:])
+        history = saved_record.setdefault("data_switches", [])
+        history += [{"at_step": step, "flag": flag, "from": old, "to": new} for flag, old, new in switches]
+        saved_record["data"] = record["data"]
+        write_run_record(checkpoint.parent, saved_record)

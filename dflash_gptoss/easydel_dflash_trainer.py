@@ -139,6 +139,7 @@ class DFlashTrainingSettings:
     seed: int = 0
     resume: bool = False
     resume_if_possible: bool = False
+    allow_new_cache: bool = False  # --resume onto another cache (or eval cache) than the run's, recorded in the run
     export_dir: str | None = None
     progress_bar: str = "tqdm"
     verify_cache: str = "auto"  # "auto" | "size" | "full": how deeply the cache is checked against its manifest
@@ -665,6 +666,19 @@ def _teacher_top_k(s: DFlashTrainingSettings, eval_ds: DFlashCacheDataset) -> An
     return top
 
 
+def cache_identity(cache_dir: str | Path | None) -> dict[str, Any] | None:
+    """What pins a run to its data: the cache folder and the sha256 of its manifest (which hashes every file)."""
+    if not cache_dir:
+        return None
+    import hashlib
+
+    from dflash_gptoss.integrity import MANIFEST_NAME
+
+    manifest = Path(cache_dir) / MANIFEST_NAME
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"dir": str(Path(cache_dir).absolute()), "manifest_sha256": digest}
+
+
 def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCacheDataset,
                       gamma: float) -> tuple[Any, Path | None]:
     """Lock ``save_directory/model_name`` for this job, pick (and verify) the checkpoint to resume, and
@@ -685,8 +699,9 @@ def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCa
             "cache": {"layout": ds.layout, "ctx_len": ds.meta["ctx_len"], "num_windows": ds.num_items,
                       "tokens_sha256": data.get("tokens_sha256"),
                       "teacher_fingerprint": ds.meta["teacher"].get("weights_fingerprint")}})
+        record["data"] = {"cache": cache_identity(s.cache_dir), "eval_cache": cache_identity(s.eval_cache_dir)}
         if resume_from is not None:
-            check_resume_matches(resume_from, record)
+            check_resume_matches(resume_from, record, allow_new_cache=s.allow_new_cache)
         elif is_main_process():
             write_run_record(run_dir, record)
     except BaseException:

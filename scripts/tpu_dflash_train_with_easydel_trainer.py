@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="like --resume, but start afresh when SAVE_DIRECTORY/MODEL_NAME holds no checkpoint "
                         "(for scripts that rerun one command). Without either flag, a folder that already holds "
                         "checkpoints is refused.")
+    p.add_argument("--allow-new-cache", action="store_true",
+                   help="with --resume: continue although --cache-dir (or --eval-cache-dir) is not the cache the run "
+                        "trained on (a resume onto another cache is refused otherwise); the switch is recorded in "
+                        "the run's dflash_run.json.")
     p.add_argument("--verify-cache", choices=("auto", "size", "full"), default="auto",
                    help="how deeply the cache is checked against its manifest before training: 'size' (every file "
                         "present at its size; instant), 'full' (every byte re-hashed, ~1.4 GB/s), 'auto' (full up "
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay, num_draft_layers=args.num_draft_layers,
         loss_decay_gamma=args.loss_decay_gamma, anchors_per_window=args.anchors_per_window,
         mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
-        resume_if_possible=args.resume_if_possible, verify_cache=args.verify_cache, export_dir=args.export_dir,
+        resume_if_possible=args.resume_if_possible, allow_new_cache=args.allow_new_cache,
+        verify_cache=args.verify_cache, export_dir=args.export_dir,
         eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
         eval_temperature=args.eval_temperature, eval_top_k=args.eval_top_k,
         export_check_blocks=args.export_check_blocks)

@@ -551,3 +551,29 @@ def test_a_cache_of_all_zero_features_is_refused_when_opened(tiny_teacher_dir, t
     with pytest.raises(CacheFormatError, match=r"the features of target layer 1 are all zero \(RMS 0\) over the "
                                                rf"{N} windows its build measured"):
         DFlashCacheDataset(out)
+
+
+# ----------------------------------------------------------------------------------- the data a run learns from
+def test_resume_onto_another_cache_is_refused_unless_allowed_and_recorded(cache, trained, teacher, tiny_teacher_dir,
+                                                                          tmp_path) -> None:
+    """A cache of the same teacher and geometry built with another --seed (other windows) cannot tell itself
+    apart by layout, ctx_len or tokens: its manifest can. --resume onto it is refused naming both caches;
+    --allow-new-cache continues and records the switch in dflash_run.json."""
+    from dflash_gptoss.cache_builder import build_teacher_cache
+    from dflash_gptoss.easydel_dflash_trainer import run_training
+
+    other = tmp_path / "other_cache"
+    build_teacher_cache(tiny_teacher_dir, other, teacher=teacher, progress=False, **dict(BUILD, seed=1))
+    save = _copy(trained, tmp_path / "run")
+    with pytest.raises(CheckpointError, match=rf"--cache-dir: the run trained on {cache} \(manifest sha256 \w{{12}}"
+                                              rf"\.\.\.\), now {other} \(manifest sha256 \w{{12}}\.\.\.\) \(pass "
+                                              r"--allow-new-cache to switch deliberately\)"):
+        run_training(_settings(other, tiny_teacher_dir, save, resume=True, max_training_steps=3))
+    summary = run_training(_settings(other, tiny_teacher_dir, save, resume=True, max_training_steps=3,
+                                     allow_new_cache=True))
+    assert summary["final_step"] == 3
+    record = json.loads((save / "m" / "dflash_run.json").read_text())
+    [switch] = record["data_switches"]
+    assert (switch["at_step"], switch["flag"], switch["from"]["dir"], switch["to"]["dir"]) == (
+        2, "--cache-dir", str(cache), str(other))
+    assert record["data"]["cache"]["dir"] == str(other)
