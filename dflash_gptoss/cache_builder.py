@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dflash_gptoss import stop_signals
 from dflash_gptoss.bf16 import to_bf16_bits
 from dflash_gptoss.cache_data import (
     DEFAULT_DATA,
@@ -754,6 +755,11 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
     pending = None  # multi-host: end of the last chunk handed to the writer, not yet checkpointed
     try:
         for start in all_chunks(plan, plan.start_window):
+            if not multi and (flag := stop_signals.requested()) is not None:
+                writer.close()  # every chunk handed over is written, flushed and recorded in the progress file
+                raise stop_signals.StopRequested(
+                    flag.signum, f"after window {start} of {plan.num_windows}",
+                    f"the {start} windows done are written and recorded in {plan.out_dir} (incomplete, resumable).")
             ids, valid = chunk_input_ids(plan, start)
             if multi:
                 lo, features, labels, stats = teacher.forward_owned(ids, with_stats=True)

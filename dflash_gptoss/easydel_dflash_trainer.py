@@ -303,7 +303,25 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
             "expected_accept_len": float(other.get("expected_accept_len", float("nan"))),
             "mean_accept_len": float(other.get("mean_accept_len", float("nan"))),
         })
-        return super().on_step_end(state=state, metrics=metrics, step=step)
+        state, metrics = super().on_step_end(state=state, metrics=metrics, step=step)
+        self._stop_if_asked(state, int(step))
+        return state, metrics
+
+    def _stop_if_asked(self, state: Any, step: int) -> None:
+        """After a completed step, a pending SIGINT/SIGTERM saves that step (verified manifest) and stops.
+
+        The step is complete and finite (``apply_training_hooks`` ran), so its checkpoint is what an
+        uninterrupted run would hold there: ``--resume`` continues exactly (``stop_signals`` module doc).
+        """
+        from dflash_gptoss.stop_signals import StopRequested, requested
+
+        flag = requested()
+        if flag is None:
+            return
+        self._save_checkpoint_for_step(state, step=step, force=True)
+        saved = Path(self.arguments.save_directory) / self.arguments.model_name / f"run-{step}"
+        raise StopRequested(flag.signum, f"after training step {step} of {int(self.arguments.max_training_steps)}",
+                            f"checkpoint {saved} is saved and verified (nothing was exported).")
 
     def _save_checkpoint_for_step(self, state: Any, *, step: int, force: bool = False, **kwargs: Any) -> Any:
         """easydel's save, then the checkpoint's manifest (written last: only a finished save has one).

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dflash_gptoss import stop_signals
+
 __all__ = ["TeacherDataError", "continuations", "generate_teacher_data"]
 
 
@@ -134,6 +136,10 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
     bar = tqdm(total=len(prompts), initial=done, unit="sample", desc="teacher greedy data", disable=not progress)
     with partial.open("ab") as f:
         for lo in range(done, len(prompts), batch_size):
+            if (flag := stop_signals.requested()) is not None:  # every sample so far is written and fsynced
+                bar.close()
+                raise stop_signals.StopRequested(flag.signum, f"after sample {lo} of {len(prompts)}",
+                                                 f"the {lo} samples done are kept in {partial}.")
             batch = [list(p) for p in prompts[lo: lo + batch_size]]
             conts = continuations(model, batch, max_new_tokens, pad_id=int(pad), eos_id=eos)
             for p, c in zip(batch, conts, strict=True):

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from dflash_gptoss.benchmark import resolve_target_snapshot
+    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
     from dflash_gptoss.target import check_gpt_oss_snapshot
     from dflash_gptoss.teacher_data import TeacherDataError, generate_teacher_data
 
@@ -79,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             from dflash_gptoss.corpus import split_prompts
 
             prompts = split_prompts(tokenizer, args.split, args.num_samples, args.prompt_tokens, seed=args.seed)
-        summary = generate_teacher_data(snapshot, args.out, prompts, max_new_tokens=args.max_new_tokens,
-                                        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                        resume=args.resume, overwrite=args.overwrite)
+        with stop_on_signals():  # Ctrl-C / SIGTERM: stop after the batch in flight, keeping every sample written
+            summary = generate_teacher_data(snapshot, args.out, prompts, max_new_tokens=args.max_new_tokens,
+                                            batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                                            resume=args.resume, overwrite=args.overwrite)
+    except StopRequested as stop:
+        return report(stop, sys.argv)
     except (TeacherDataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

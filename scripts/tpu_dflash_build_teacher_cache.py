@@ -150,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from dflash_gptoss.cache_builder import CacheBuildError
     from dflash_gptoss.distributed import is_main_process
+    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
 
     try:
-        result = run_plan(plan, teacher, progress=not args.no_progress, arrays=arrays)
+        with stop_on_signals():  # Ctrl-C / SIGTERM: stop after the chunk in flight, keeping every written chunk
+            result = run_plan(plan, teacher, progress=not args.no_progress, arrays=arrays)
+    except StopRequested as stop:
+        return report(stop, sys.argv)
     except CacheBuildError as e:  # multi-host: the hosts do not share --out-dir
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -171,19 +171,29 @@ def main(argv: list[str] | None = None) -> int:
         eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
         eval_temperature=args.eval_temperature, eval_top_k=args.eval_top_k,
         export_check_blocks=args.export_check_blocks)
-    try:  # every input check happens while building (before compiling); ValueError = bad input here
-        built = build_trainer(settings)
-    except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError, LockHeldError) as exc:
-        parser.error(str(exc).replace("\n", " "))
-    try:
-        summary = run_training(settings, built)
-    except (CheckpointWriteError, ExportCheckError, NonFiniteWeightsError, NonFiniteTrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the export or another write after training
-        print(f"error: {write_failure_message(exc, 'writing the training outputs')} The checkpoints are kept: "
-              "rerun with --resume (and a writable --export-dir) to export them.", file=sys.stderr)
-        return 1
+    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
+
+    with stop_on_signals() as stop_flag:  # from here on Ctrl-C / SIGTERM stop at a step boundary
+        try:  # every input check happens while building (before compiling); ValueError = bad input here
+            built = build_trainer(settings)
+        except (ValueError, CacheMismatchError, CacheFormatError, FileNotFoundError, OSError, LockHeldError) as exc:
+            parser.error(str(exc).replace("\n", " "))
+        if stop_flag:
+            if built[0].run_lock is not None:
+                built[0].run_lock.release()
+            return report(StopRequested(stop_flag.signum, "before training started", "nothing was written."),
+                          sys.argv)
+        try:
+            summary = run_training(settings, built)
+        except StopRequested as stop:
+            return report(stop, sys.argv)
+        except (CheckpointWriteError, ExportCheckError, NonFiniteWeightsError, NonFiniteTrainingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # the export or another write after training
+            print(f"error: {write_failure_message(exc, 'writing the training outputs')} The checkpoints are kept: "
+                  "rerun with --resume (and a writable --export-dir) to export them.", file=sys.stderr)
+            return 1
     from dflash_gptoss.distributed import is_main_process
 
     if not is_main_process():  # every process holds the same history; process 0 reports and writes

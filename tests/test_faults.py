@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -577,3 +578,109 @@ def test_resume_onto_another_cache_is_refused_unless_allowed_and_recorded(cache,
     assert (switch["at_step"], switch["flag"], switch["from"]["dir"], switch["to"]["dir"]) == (
         2, "--cache-dir", str(cache), str(other))
     assert record["data"]["cache"]["dir"] == str(other)
+
+
+# ----------------------------------------------------------------------------------- signals
+def _stop_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("stopped by ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def _freeze_and_signal(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the job's process group while it is frozen, so it arrives mid-run on any machine."""
+    os.killpg(proc.pid, signal.SIGSTOP)
+    os.killpg(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_trainer_cleanly_and_resume_gives_the_same_export(sig, cache, tiny_teacher_dir,
+                                                                             tmp_path) -> None:
+    """A real trainer CLI, signalled through its process group once its first checkpoint exists: it finishes
+    the step in flight, saves it (verified), prints one line naming the step, what is kept and the command
+    that continues, and exits 128 + signal. Running that command ends with the export an uninterrupted run
+    makes (within the resume tolerance of test_trainer: float32 reduction order across a restart)."""
+    from safetensors.numpy import load_file
+
+    from dflash_gptoss.checkpoints import verify_checkpoint
+
+    save, export = tmp_path / "ckpt", tmp_path / "draft"
+    cmd = [*_train_cli(cache, tiny_teacher_dir, save, "--export-dir", str(export)), "--max-training-steps", "8"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (save / "m" / "run-1" / MANIFEST_NAME).is_file():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the trainer never saved its first checkpoint"
+            time.sleep(0.1)
+        _freeze_and_signal(proc, sig)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    line = _stop_line(err)
+    step = int(line.split("after training step ")[1].split(" ")[0])
+    assert 1 <= step < 8 and line.startswith(f"stopped by {signal.Signals(sig).name} after training step {step} of 8")
+    assert f"checkpoint {save / 'm' / f'run-{step}'} is saved and verified (nothing was exported)." in line
+    verify_checkpoint(save / "m" / f"run-{step}")
+    assert not export.exists()
+    command = line.split("Continue with: ")[1]
+    assert command.endswith(" --resume")
+    if sig != signal.SIGINT:
+        return  # the resume is checked once
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    ref = subprocess.run([*_train_cli(cache, tiny_teacher_dir, straight, "--export-dir", str(straight / "draft")),
+                          "--max-training-steps", "8"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = load_file(export / "model.safetensors"), load_file(straight / "draft" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in got:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_a_signal_stops_the_cache_build_cleanly_and_resume_completes_it(tiny_teacher_dir, tmp_path) -> None:
+    """A real cache-builder CLI signalled mid-build: the chunks done stay written and recorded, one line says so
+    and gives the command that continues (exit 130); that command completes the cache, equal to one built
+    without a stop."""
+    from dflash_gptoss.cache_format import read_progress
+
+    out = tmp_path / "cache"
+    build = [sys.executable, str(REPO / "scripts" / "tpu_dflash_build_teacher_cache.py"), "--model-snapshot-dir",
+             str(tiny_teacher_dir), "--out-dir", str(out), "--ctx-len", str(CTX), "--block-size", str(B),
+             "--num-context-features", str(K), "--num-blocks", "256", "--batch-size", "8", "--layout", "windows",
+             "--dp", "2", "--tp", "4", "--no-progress"]
+    proc = subprocess.Popen(build, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "progress.json").is_file() or read_progress(out) < 8:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the build never wrote its first chunk"
+            time.sleep(0.05)
+        _freeze_and_signal(proc, signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    line = _stop_line(err)
+    done = read_progress(out)
+    assert line.startswith(f"stopped by SIGINT after window {done} of 256; the {done} windows done are written")
+    assert 8 <= done < 256 and line.endswith(" --resume")
+    resumed = subprocess.run([sys.executable, *shlex.split(line.split("Continue with: ")[1])[1:]], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    whole = subprocess.run([*build[:5], str(straight), *build[6:]], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for name in ("features_u16.npy", "labels.npy", "token_ids.npy"):
+        assert (out / name).read_bytes() == (straight / name).read_bytes(), name
