@@ -751,7 +751,7 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         bar.set_postfix(tok_s=f"{done[0] * plan.window_len / max(time.perf_counter() - t0, 1e-9):.0f}")
 
     writer = _Writer(plan, arrays, on_chunk, checkpoint=not multi)
-    totals = FeatureTotals(len(plan.layer_ids))
+    totals = FeatureTotals(plan.num_windows, len(plan.layer_ids))
     pending = None  # multi-host: end of the last chunk handed to the writer, not yet checkpointed
     try:
         for start in all_chunks(plan, plan.start_window):
@@ -769,7 +769,7 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
             _check_output_shapes(plan, features, labels, rows=len(ids))
             rows = max(0, min(valid - lo, len(ids)))  # the padding of a last chunk is not cache data
             _check_finite(plan, stats[:rows], first_window=start + lo)
-            totals.add(stats[:rows], tokens=plan.window_len)
+            totals.add(stats[:rows], first_window=start + lo)
             emb = teacher.embed(ids[:, plan.ctx_len]) if plan.layout == "blocks" else None
             if pending is not None:  # the previous chunk was written while this forward ran
                 _checkpoint_shared(plan, writer, pending)
@@ -790,7 +790,8 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         for a in arrays.values():
             a.close()
         sync("dflash-cache-written")
-        meta = mark_complete(plan.out_dir, totals.meta(plan)) if is_main_process() else None
+        complete_meta = totals.meta(plan)  # a collective: every process
+        meta = mark_complete(plan.out_dir, complete_meta) if is_main_process() else None
         sync("dflash-cache-complete")
         meta = meta or read_json(plan.out_dir / META_FILE)
     else:
@@ -817,29 +818,38 @@ def _check_finite(plan: BuildPlan, stats: np.ndarray, first_window: int) -> None
 
 
 class FeatureTotals:
-    """Sums of the features this build computed, per target layer: ``meta.json``'s ``feature_stats``.
+    """Each window's feature sums per target layer, for ``meta.json``'s ``feature_stats``.
 
-    Windows written by an earlier, interrupted run of a resumed build are not re-read, and past one host
-    only this process's rows are counted: the statistics describe the windows named in ``windows``.
+    Kept per window and summed in window order at the end (past one host, after gathering every
+    process's windows), so one process and many record the same figures. Windows written by an earlier,
+    interrupted run of a resumed build are not re-read: ``windows`` says how many were measured.
     """
 
-    def __init__(self, num_layers: int) -> None:
-        self.sums = np.zeros((num_layers, 2), np.float64)
-        self.values = 0
-        self.windows = 0
+    def __init__(self, num_windows: int, num_layers: int) -> None:
+        self.per_window = np.full((num_windows, num_layers, 2), np.nan, np.float64)
 
-    def add(self, stats: np.ndarray, *, tokens: int) -> None:
-        self.sums += stats[..., 1:].astype(np.float64).sum(axis=0)
-        self.windows += len(stats)
-        self.values += len(stats) * tokens
+    def add(self, stats: np.ndarray, first_window: int) -> None:
+        self.per_window[first_window: first_window + len(stats)] = stats[..., 1:]
 
     def meta(self, plan: BuildPlan) -> dict[str, Any]:
-        """``plan.meta`` with ``feature_stats``: mean and RMS of each target layer's features."""
-        hidden = int(plan.meta["teacher"]["hidden_size"])
-        n = max(self.values * hidden, 1)
+        """``plan.meta`` with ``feature_stats``: mean and RMS of each target layer's features (a collective past
+        one process: every process calls it)."""
+        from dflash_gptoss.distributed import is_multiprocess
+
+        per_window = self.per_window
+        if is_multiprocess():
+            from jax.experimental import multihost_utils
+
+            gathered = np.asarray(multihost_utils.process_allgather(per_window))  # [processes, W, K, 2]
+            per_window = np.where(np.isnan(gathered), -np.inf, gathered).max(axis=0)  # each window has one owner
+            per_window[np.isinf(per_window)] = np.nan
+        measured = ~np.isnan(per_window[:, 0, 0])
+        windows = int(measured.sum())
+        sums = per_window[measured].sum(axis=0)  # [K, 2], in window order
+        n = max(windows * plan.window_len * int(plan.meta["teacher"]["hidden_size"]), 1)
         layers = [{"layer": int(layer), "mean": float(s / n), "rms": float(np.sqrt(q / n))}
-                  for layer, (s, q) in zip(plan.layer_ids, self.sums, strict=True)]
-        return dict(plan.meta, feature_stats={"windows": self.windows, "per_layer": layers})
+                  for layer, (s, q) in zip(plan.layer_ids, sums, strict=True)]
+        return dict(plan.meta, feature_stats={"windows": windows, "per_layer": layers})
 
 
 def _release(plan: BuildPlan) -> None:

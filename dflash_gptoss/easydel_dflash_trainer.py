@@ -595,10 +595,12 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     validate_settings(s)
     if s.lr_schedule not in _SCHEDULES:
         raise TrainerInputError(f"lr_schedule={s.lr_schedule!r}; choose one of {sorted(_SCHEDULES)}.")
-    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
+    from dflash_gptoss.snapshot import SnapshotError, check_tokenizer, validate_snapshot
 
     try:  # config.json, the weights' headers, tokenizer.json: a damaged snapshot is named, not blamed on the cache
-        validate_snapshot(s.teacher_snapshot_dir)
+        validate_snapshot(s.teacher_snapshot_dir, tokenizer=False)
+        if (Path(s.teacher_snapshot_dir) / "tokenizer.json").exists():  # needed only for the MASK default, but a
+            check_tokenizer(s.teacher_snapshot_dir)  # damaged one is named whenever it is there
     except SnapshotError as e:
         raise TrainerInputError(f"--teacher-snapshot-dir: {e}") from e
     teacher_cfg = AutoConfig.from_pretrained(s.teacher_snapshot_dir)
