@@ -19,8 +19,10 @@ complete). A target that exists and is not a draft is refused up front by
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
+import os
 import shutil
 import tempfile
 import uuid
@@ -229,7 +231,12 @@ def export_nnx_draft(model_or_params: Any, draft_config: Any, out_dir: str | Pat
     model = torch_draft_from_state(draft_config, state)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except Exception as e:  # safetensors reports a full disk as its own error type, naming no file
+            if "No space left" in str(e) or "StorageFull" in str(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors")) from e
+            raise
         if before_commit is not None:
             before_commit(tmp)
 

@@ -18,10 +18,11 @@ finished file with the same settings reuses it (and refuses one made differently
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,17 @@ __all__ = ["TeacherDataError", "continuations", "generate_teacher_data"]
 
 class TeacherDataError(ValueError):
     """Bad input for data generation (the message names the value and the fix)."""
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, above all) as an OSError that names the file being written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def continuations(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, pad_id: int,
@@ -134,22 +146,23 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
         raise TeacherDataError(f"prompt {bad[0]} has token ids outside [0, {vocab}).")
     start, generated = time.perf_counter(), 0
     bar = tqdm(total=len(prompts), initial=done, unit="sample", desc="teacher greedy data", disable=not progress)
-    with partial.open("ab") as f:
-        for lo in range(done, len(prompts), batch_size):
-            if (flag := stop_signals.requested()) is not None:  # every sample so far is written and fsynced
-                bar.close()
-                raise stop_signals.StopRequested(flag.signum, f"after sample {lo} of {len(prompts)}",
-                                                 f"the {lo} samples done are kept in {partial}.")
-            batch = [list(p) for p in prompts[lo: lo + batch_size]]
-            conts = continuations(model, batch, max_new_tokens, pad_id=int(pad), eos_id=eos)
-            for p, c in zip(batch, conts, strict=True):
-                f.write((json.dumps({"input_ids": p + c, "prompt_len": len(p)}) + "\n").encode())
-                generated += len(c)
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
-    bar.close()
+    try:  # the bar is closed on any exit, so an error line starts a line of its own
+        with _naming_write_errors(partial), partial.open("ab") as f:
+            for lo in range(done, len(prompts), batch_size):
+                if (flag := stop_signals.requested()) is not None:  # every sample so far is written and fsynced
+                    raise stop_signals.StopRequested(flag.signum, f"after sample {lo} of {len(prompts)}",
+                                                     f"the {lo} samples done are kept in {partial}.")
+                batch = [list(p) for p in prompts[lo: lo + batch_size]]
+                conts = continuations(model, batch, max_new_tokens, pad_id=int(pad), eos_id=eos)
+                for p, c in zip(batch, conts, strict=True):
+                    f.write((json.dumps({"input_ids": p + c, "prompt_len": len(p)}) + "\n").encode())
+                    generated += len(c)
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.0f}")
+    finally:
+        bar.close()
     summary = {"out": str(out), "samples": len(prompts), "resumed_from": done, "generated_tokens": generated,
                "seconds": round(time.perf_counter() - start, 2), "max_new_tokens": max_new_tokens,
                "device": device, "dtype": dtype}

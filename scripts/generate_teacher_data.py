@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     except (TeacherDataError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # a write failed (a full disk, above all): the samples written so far are kept
+        from dflash_gptoss.preflight import write_failure_message
+        from dflash_gptoss.stop_signals import continue_command
+
+        print(f"error: {write_failure_message(exc, 'writing the teacher data')} Every sample written before it is "
+              f"kept: free space, then continue with: {continue_command(sys.argv)}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -684,3 +684,74 @@ def test_a_signal_stops_the_cache_build_cleanly_and_resume_completes_it(tiny_tea
     assert whole.returncode == 0, whole.stderr[-3000:]
     for name in ("features_u16.npy", "labels.npy", "token_ids.npy"):
         assert (out / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------- disk full, outside the cache
+def test_a_full_disk_during_the_export_names_the_file_and_leaves_nothing(tiny_teacher_dir, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error naming no file: the export turns it into ENOSPC naming
+    the file (what the trainer prints, with "rerun with --resume"), and removes its temporary folder."""
+    import torch
+    from transformers import AutoConfig
+
+    from dflash_gptoss.config import make_draft_config
+    from dflash_gptoss.export_draft import _flat_params, export_nnx_draft, load_nnx_draft_from_torch_folder
+    from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
+
+    torch.manual_seed(0)
+    config = make_draft_config(AutoConfig.from_pretrained(tiny_teacher_dir), num_hidden_layers=1, block_size=B,
+                               mask_token_id=1, num_context_features=K)
+    DFlashDraftModel(config).save_pretrained(tmp_path / "torch")
+    params = _flat_params(load_nnx_draft_from_torch_folder(tmp_path / "torch", dp=2, tp=4))
+    with small_fs(tmp_path / "fs", "256k") as mounted:  # the draft is ~1 MB
+        if not mounted:
+            def full(self, *args, **kwargs):
+                raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                   '"No space left on device" })')
+
+            monkeypatch.setattr(DFlashDraftModel, "save_pretrained", full)
+        with pytest.raises(OSError) as info:
+            export_nnx_draft(params, config, tmp_path / "fs" / "draft")
+        assert info.value.errno == errno.ENOSPC
+        assert info.value.filename.endswith("model.safetensors") and "/fs/.draft.tmp-" in info.value.filename
+        assert not list((tmp_path / "fs").iterdir())  # no draft, no temporary folder
+
+
+def test_a_full_disk_during_data_generation_is_one_line_and_resumes(tiny_teacher_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import generate_teacher_data as cli
+    finally:
+        sys.path.pop(0)
+    with small_fs(tmp_path / "fs", "12k") as mounted:  # a sample's line is ~1 KB
+        out = tmp_path / "fs" / "data.jsonl"
+        args = ["--model-snapshot-dir", str(tiny_teacher_dir), "--out", str(out), "--num-samples", "32",
+                "--prompt-tokens", "32", "--max-new-tokens", "64", "--batch-size", "8"]
+        if not mounted:
+            import dflash_gptoss.teacher_data as td
+
+            real, calls = td.continuations, []
+
+            def continuations(*a, **k):  # the second batch meets a full disk when it is written
+                calls.append(1)
+                if len(calls) > 1:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(*a, **k)
+
+            monkeypatch.setattr(td, "continuations", continuations)
+        assert cli.main(args) == 1
+        err = capsys.readouterr().err
+        [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        partial = f"{out}.partial"
+        assert line.startswith(f"error: writing the teacher data failed: the disk is full ({partial}")
+        assert line.endswith(" --resume") and "Every sample written before it is kept" in line
+        kept = Path(partial).read_bytes().count(b"\n")
+        assert kept >= 8 and not out.exists()
+        for name in ("data.jsonl.partial", "data.jsonl.partial.json"):  # the same command with room continues
+            shutil.copy(tmp_path / "fs" / name, tmp_path / name)
+    monkeypatch.undo()
+    roomy = [a if a != str(out) else str(tmp_path / "data.jsonl") for a in args]
+    assert cli.main([*roomy, "--resume"]) == 0
+    straight = [a if a != str(out) else str(tmp_path / "straight.jsonl") for a in args]
+    assert cli.main(straight) == 0
+    assert (tmp_path / "data.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()
