@@ -68,12 +68,18 @@ def test_baseline_equals_generate(setup):
         assert out[0, len(prompt):].tolist() == ref
 
 
-def test_random_draft_is_lossless(setup):
-    model, tokenizer, prompts, refs, runner, layer_ids = setup
+def _random_drafter(setup) -> DFlashDrafter:
+    """An untrained one-layer DFlash draft (seed 1) on the tiny teacher."""
+    model, tokenizer, _, _, _, layer_ids = setup
     torch.manual_seed(1)
     config = make_draft_config(model.config, num_hidden_layers=1, block_size=BLOCK,
                                mask_token_id=tokenizer.convert_tokens_to_ids("<|mask|>"), layer_ids=layer_ids)
-    drafter = DFlashDrafter(DFlashDraftModel(config).eval(), model)
+    return DFlashDrafter(DFlashDraftModel(config).eval(), model)
+
+
+def test_random_draft_is_lossless(setup):
+    _, _, prompts, refs, runner, _ = setup
+    drafter = _random_drafter(setup)
     for prompt, ref in zip(prompts, refs, strict=True):
         result = speculative_decode(runner, drafter, prompt, NEW_TOKENS, BLOCK)
         assert result.tokens == ref
@@ -134,11 +140,8 @@ def test_bad_requests_are_clear_errors(setup):
 def test_sampling_runs_are_reproducible_and_temperature_zero_is_greedy(setup):
     from dflash_gptoss.decoding import Sampling, baseline_decode, new_generator
 
-    model, tokenizer, prompts, refs, runner, layer_ids = setup
-    torch.manual_seed(1)
-    config = make_draft_config(model.config, num_hidden_layers=1, block_size=BLOCK,
-                               mask_token_id=tokenizer.convert_tokens_to_ids("<|mask|>"), layer_ids=layer_ids)
-    drafter = DFlashDrafter(DFlashDraftModel(config).eval(), model)
+    model, _, prompts, refs, runner, _ = setup
+    drafter = _random_drafter(setup)
     baseline = TargetRunner(model, [])
     cpu = torch.device("cpu")
     for sampling in (Sampling(1.0), Sampling(0.8, top_p=0.9, draft="sample")):
