@@ -205,6 +205,19 @@ def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path
         summary = pipeline_summary(bench, train, timings)
     except ValueError as err:
         raise ValueError(f"{bench_json}: {err}") from None
+    from dflash_gptoss.report_stem import release, reserve
+
+    held = reserve(out, f"{stem}_pipeline", unique=False, siblings=(f"{stem}_training.png",), flag="--name")
+    try:
+        return summary, _write_files(out, stem, summary, train, bench, bench_json, train_summary_json)
+    except BaseException:
+        release(held)
+        raise
+
+
+def _write_files(out: Path, stem: str, summary: dict[str, Any], train: dict[str, Any], bench: dict[str, Any],
+                 bench_json: str | Path, train_summary_json: str | Path) -> list[Path]:
+    """The PNG, then the JSON over the stem's reservation."""
     png = out / f"{stem}_training.png"
     tmp_png = plot_training_curve(train.get("history") or [], png.with_name(png.name + ".tmp"),
                                   title=f"DFlash draft training: {bench['teacher']}",
@@ -216,4 +229,4 @@ def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path
     tmp.write_text(json.dumps({"summary": summary, "bench_json": str(bench_json),
                                "train_summary_json": str(train_summary_json)}, indent=2) + "\n")
     tmp.replace(path)
-    return summary, [path, png]
+    return [path, png]

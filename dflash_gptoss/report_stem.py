@@ -28,15 +28,17 @@ RESERVATION_KEY = "reserved_by"
 
 @dataclass(frozen=True)
 class Stem:
-    """A stem this process holds in ``folder``: ``<name>.json`` is its reservation until the report replaces it."""
+    """A stem this process holds in ``folder``: ``<name><suffix>`` is its reservation (for a report, the
+    ``.json`` the report replaces)."""
 
     folder: Path
     name: str
     token: str
+    suffix: str = ".json"
 
     @property
     def json_path(self) -> Path:
-        return self.folder / f"{self.name}.json"
+        return self.folder / f"{self.name}{self.suffix}"
 
 
 def _holder(path: Path) -> dict | None:
@@ -71,8 +73,8 @@ def _create(path: Path, token: str, *, replace: bool) -> None:
         f.write("\n")
 
 
-def reserve(folder: Path, name: str, *, unique: bool, siblings: tuple[str, ...] = (), flag: str = "--report-name"
-            ) -> Stem:
+def reserve(folder: Path, name: str, *, unique: bool, siblings: tuple[str, ...] = (), flag: str = "--report-name",
+            suffix: str = ".json") -> Stem:
     """Take ``name`` (or, with ``unique``, the first free ``name_N``) in ``folder``; see the module doc.
 
     ``siblings`` are the other files of a report (``"{stem}_acceptance.png"``): a stem whose sibling
@@ -81,12 +83,12 @@ def reserve(folder: Path, name: str, *, unique: bool, siblings: tuple[str, ...] 
     token = secrets.token_hex(8)
     for n in range(1, 10_000):
         candidate = name if n == 1 else f"{name}_{n}"
-        path = folder / f"{candidate}.json"
+        path = folder / f"{candidate}{suffix}"
         others = [folder / s.format(stem=candidate) for s in siblings]
         if not any(p.exists() for p in others):
             try:
                 _create(path, token, replace=False)
-                return Stem(folder, candidate, token)
+                return Stem(folder, candidate, token, suffix)
             except FileExistsError:
                 pass
         if unique:
@@ -94,9 +96,9 @@ def reserve(folder: Path, name: str, *, unique: bool, siblings: tuple[str, ...] 
         holder = _holder(path) if path.exists() else None
         if holder is not None and not _alive(holder):  # a killed run's reservation: take it over
             _create(path, token, replace=True)
-            return Stem(folder, candidate, token)
+            return Stem(folder, candidate, token, suffix)
         if holder is not None:
-            raise OutputPathError(f"{flag} {name}: {path} is reserved by a running benchmark (pid {holder.get('pid')} "
+            raise OutputPathError(f"{flag} {name}: {path} is reserved by a running job (pid {holder.get('pid')} "
                                   f"on {holder.get('host')}, started {holder.get('started_utc')}); pass another "
                                   f"{flag} or wait for it.")
         taken = path if path.exists() else next(p for p in others if p.exists())
@@ -115,3 +117,9 @@ def release(stem: Stem) -> None:
     """Give the stem back after a run that wrote no report (its reservation is removed, if still ours)."""
     if still_ours(stem):
         stem.json_path.unlink(missing_ok=True)
+
+
+def reserve_writer(path: Path, flag: str) -> Stem:
+    """One writer at a time for a file a job writes at its end (``--summary-json``): ``<path>.writing`` is held
+    while the job runs; a finished file is replaced when the job ends (it is that output's newer version)."""
+    return reserve(path.parent, path.name, unique=False, flag=flag, suffix=".writing")

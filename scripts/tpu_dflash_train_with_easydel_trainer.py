@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
     from dflash_gptoss.export_draft import check_export_dir
-    from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file, write_failure_message
+    from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file
 
     try:  # every output path, before anything expensive (not after hours of training)
         check_output_dir(Path(args.save_directory) / args.model_name, "--save-directory/--model-name")
@@ -141,7 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     except OutputPathError as exc:
         parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
+    from dflash_gptoss.distributed import is_main_process
+    from dflash_gptoss.report_stem import release, reserve_writer
 
+    writer = None
+    if args.summary_json and is_main_process():  # one writer per summary file while this run lasts
+        summary_path = Path(args.summary_json).absolute()
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            writer = reserve_writer(summary_path, "--summary-json")
+        except OutputPathError as exc:
+            parser.error(str(exc))
+    try:
+        return _train(args, parser)
+    finally:
+        if writer is not None:
+            release(writer)
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Everything after the output checks: build, train, export, report (``main`` holds the summary's writer)."""
     from dflash_gptoss.cache_format import CacheFormatError
     from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
     from dflash_gptoss.easydel_dflash_trainer import (
@@ -155,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from dflash_gptoss.export_check import ExportCheckError
     from dflash_gptoss.export_draft import NonFiniteWeightsError
     from dflash_gptoss.job_lock import LockHeldError
+    from dflash_gptoss.preflight import write_failure_message
 
     settings = DFlashTrainingSettings(
         cache_dir=args.cache_dir, teacher_snapshot_dir=args.teacher_snapshot_dir,

@@ -357,7 +357,7 @@ def test_report_stems_are_taken_exclusively(tmp_path, monkeypatch):
 
     _, mine = prepare_outputs(tmp_path, "shared")
     with pytest.raises(OutputPathError, match=rf"--report-name shared: {tmp_path / 'shared.json'} is reserved by a "
-                                              rf"running benchmark \(pid {os.getpid()} on "):
+                                              rf"running job \(pid {os.getpid()} on "):
         prepare_outputs(tmp_path, "shared")
     report = {"settings": {"block_size": 2}, "acceptance_hist": {"1": 3}, "teacher": "t", "draft": "d",
               "device": "cpu", "dtype": "float32", "acceptance_mean": 1.0, "noisy": False, "speedup": 1.0,
@@ -385,3 +385,31 @@ def test_a_report_whose_reservation_was_replaced_is_not_written(tmp_path):
     with pytest.raises(OutputPathError, match="reservation of the report name was replaced by another run"):
         write_report({}, tmp_path, stem=stem)
     assert not (tmp_path / "r_acceptance.png").exists()
+
+
+def test_the_trainer_summary_and_the_pipeline_report_have_one_writer(tmp_path, capsys):
+    """``--summary-json`` is held by its running trainer (``<file>.writing``): a second trainer naming the same
+    file is refused before any work, naming the holder; the pipeline report's stem is taken like the
+    benchmark's."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import tpu_dflash_train_with_easydel_trainer as train_cli
+    finally:
+        sys.path.pop(0)
+    from dflash_gptoss.report_stem import release, reserve_writer
+
+    summary = tmp_path / "summary.json"
+    summary.write_text("{}")  # a finished summary of an earlier run: replaced by the next run, not refused
+    held = reserve_writer(summary, "--summary-json")
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(["--cache-dir", str(tmp_path / "cache"), "--teacher-snapshot-dir", str(tmp_path / "cache"),
+                        "--save-directory", str(tmp_path / "ckpt"), "--max-training-steps", "1",
+                        "--summary-json", str(summary)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--summary-json {summary.name}: {summary}.writing is reserved by a running job (pid {os.getpid()}" in err
+    release(held)
+    assert not (tmp_path / f"{summary.name}.writing").exists() and summary.read_text() == "{}"
+    again = reserve_writer(summary, "--summary-json")  # free again
+    release(again)

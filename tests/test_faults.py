@@ -755,3 +755,42 @@ def test_a_full_disk_during_data_generation_is_one_line_and_resumes(tiny_teacher
     straight = [a if a != str(out) else str(tmp_path / "straight.jsonl") for a in args]
     assert cli.main(straight) == 0
     assert (tmp_path / "data.jsonl").read_text() == (tmp_path / "straight.jsonl").read_text()
+
+
+def test_a_signal_stops_data_generation_cleanly_and_resume_completes_it(tiny_teacher_dir, tmp_path) -> None:
+    """A real data-generation CLI sent SIGTERM through its process group mid-run: the batches written are kept
+    (whole lines), one line gives the command that continues (exit 143), and that command ends with the file
+    an uninterrupted run writes."""
+    out = tmp_path / "data.jsonl"
+    cmd = [sys.executable, str(REPO / "scripts" / "generate_teacher_data.py"), "--model-snapshot-dir",
+           str(tiny_teacher_dir), "--out", str(out), "--num-samples", "24", "--prompt-tokens", "32",
+           "--max-new-tokens", "64", "--batch-size", "4"]
+    partial = Path(f"{out}.partial")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not partial.is_file() or partial.read_bytes().count(b"\n") < 4:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "data generation never wrote its first batch"
+            time.sleep(0.05)
+        _freeze_and_signal(proc, signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    line = _stop_line(err)
+    kept = partial.read_bytes().count(b"\n")
+    assert line.startswith(f"stopped by SIGTERM after sample {kept} of 24; the {kept} samples done are kept in "
+                           f"{partial}.") and line.endswith(" --resume")
+    assert 4 <= kept < 24 and not out.exists()
+    resumed = subprocess.run([sys.executable, *shlex.split(line.split("Continue with: ")[1])[1:]], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight.jsonl"
+    whole = subprocess.run([*cmd[:5], str(straight), *cmd[6:]], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert out.read_text() == straight.read_text()

@@ -58,3 +58,11 @@ def test_report_joins_benchmark_training_and_timings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"old\.json: the benchmark JSON has no 'speedup'/'noise'"):
         write_pipeline_report(tmp_path / "old.json", tmp_path / "train.json", {}, tmp_path / "out", "old")
     assert not (tmp_path / "out" / "old_pipeline.json").exists()
+
+    # The report's stem is taken exclusively: a second report under the same name is refused, the first kept.
+    from dflash_gptoss.preflight import OutputPathError
+
+    before = paths[0].read_text()
+    with pytest.raises(OutputPathError, match=r"--name run_pipeline: .*run_pipeline\.json already holds an earlier"):
+        write_pipeline_report(tmp_path / "bench.json", tmp_path / "train.json", {}, tmp_path / "out", "run")
+    assert paths[0].read_text() == before
