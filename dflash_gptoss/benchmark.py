@@ -665,12 +665,16 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, stem: Stem | st
     if not still_ours(held):
         raise OutputPathError(f"{json_path}: this run's reservation of the report name was replaced by another "
                               "run; nothing was written. Rerun with another --report-name.")
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    plot_acceptance(report, tmp)
-    tmp.replace(png_path)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(json_path)
+    tmps = [png_path.with_name(png_path.name + ".tmp"), json_path.with_name(json_path.name + ".tmp")]
+    try:
+        plot_acceptance(report, tmps[0])
+        tmps[1].write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:  # a full disk: nothing half-written is left, the reservation stays for the caller
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, e.filename or str(tmps[1])) from e
+    tmps[0].replace(png_path)
+    tmps[1].replace(json_path)
     return json_path, png_path
 
 

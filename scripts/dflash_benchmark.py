@@ -8,7 +8,8 @@ DFlash, from each prompt's median of the repeats, with the median and IQR of the
 ratios beside it; the run is flagged NOISY when a prompt's repeats disagree by more than 10%.
 The per-step costs (one-token step, verify of B tokens, draft proposal) are timed in the same
 run, giving the loop efficiency. Writes <out-dir>/bench_<UTC>.json and a PNG histogram of
-accepted lengths. Exit code: 0, 1 if any prompt was not token-identical, 2 on bad input.
+accepted lengths. Exit code: 0, 1 if any prompt was not token-identical, 2 on bad input, 3 when the
+report could not be written (a full disk: the figures are printed, nothing half-written is left).
 
 Sampling (--temperature T > 0, optionally --top-p P): both loops sample the target's law,
 the DFlash loop with the speculative-sampling rule; its output is lossless in distribution,
@@ -47,6 +48,8 @@ from dflash_gptoss.benchmark import (  # noqa: E402
 )
 from dflash_gptoss.cli_types import positive_int  # noqa: E402
 from dflash_gptoss.report_stem import release  # noqa: E402
+
+EXIT_REPORT_NOT_WRITTEN = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,8 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         release(stem)  # Ctrl-C or a crash: the name is free again
         raise
-    json_path, png_path = write_report(report, out_dir, stem=stem)
-    print("\n".join(summary_lines(report)))
+    print("\n".join(summary_lines(report)))  # first: the figures survive a report that cannot be written
+    try:
+        json_path, png_path = write_report(report, out_dir, stem=stem)
+    except OSError as err:
+        from dflash_gptoss.preflight import write_failure_message
+
+        release(stem)
+        print(f"error: {write_failure_message(err, 'writing the report')} The figures are printed above; nothing "
+              "was written: free space, then rerun the same command.", file=sys.stderr)
+        return EXIT_REPORT_NOT_WRITTEN
     print(f"wrote {json_path} and {png_path}")
     return 1 if report["lossless_all"] is False else 0  # None at T > 0: nothing checked per prompt
 

@@ -794,3 +794,23 @@ def test_a_signal_stops_data_generation_cleanly_and_resume_completes_it(tiny_tea
                            timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert out.read_text() == straight.read_text()
+
+
+def test_a_full_disk_under_the_benchmark_report_leaves_nothing_half_written(tmp_path, monkeypatch) -> None:
+    from dflash_gptoss.benchmark import prepare_outputs, write_report
+    from dflash_gptoss.report_stem import still_ours
+
+    report = {"settings": {"block_size": 2}, "acceptance_hist": {"1": 3}, "teacher": "t", "draft": "d",
+              "device": "cpu", "dtype": "float32", "acceptance_mean": 1.0, "noisy": False, "speedup": 1.0,
+              "speedup_per_prompt": None, "padding": "x" * 200_000}  # more than the disk has left
+    with small_fs(tmp_path / "fs", "64k") as mounted:
+        out, stem = prepare_outputs(tmp_path / "fs", "r")  # the reservation fits; the report does not
+        if not mounted:
+            def full(*args, **kwargs):
+                raise _enospc()
+
+            monkeypatch.setattr("dflash_gptoss.benchmark.plot_acceptance", full)
+        with pytest.raises(OSError) as info:
+            write_report(report, out, stem=stem)
+        assert info.value.errno == errno.ENOSPC and str(tmp_path / "fs") in info.value.filename
+        assert sorted(p.name for p in (tmp_path / "fs").iterdir()) == ["r.json"] and still_ours(stem)
