@@ -587,11 +587,32 @@ def _stop_line(stderr: str) -> str:
     return lines[0]
 
 
-def _freeze_and_signal(proc: subprocess.Popen, sig: int) -> None:
-    """Send ``sig`` to the job's process group while it is frozen, so it arrives mid-run on any machine."""
-    os.killpg(proc.pid, signal.SIGSTOP)
-    os.killpg(proc.pid, sig)
-    os.killpg(proc.pid, signal.SIGCONT)
+def _signal_midway(cmd: list[str], ready, sig: int, waiting_for: str) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group; once ``ready()``, send ``sig`` to the group while it is frozen (so it
+    arrives mid-run on any machine); return (exit code, stderr)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ready():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"the job never {waiting_for}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        os.killpg(proc.pid, sig)
+        os.killpg(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def _continue(line: str) -> subprocess.CompletedProcess:
+    """Run the command a stop line gives (with this interpreter)."""
+    return subprocess.run([sys.executable, *shlex.split(line.split("Continue with: ")[1])[1:]], env=ENV,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -607,21 +628,9 @@ def test_a_signal_stops_the_trainer_cleanly_and_resume_gives_the_same_export(sig
 
     save, export = tmp_path / "ckpt", tmp_path / "draft"
     cmd = [*_train_cli(cache, tiny_teacher_dir, save, "--export-dir", str(export)), "--max-training-steps", "8"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (save / "m" / "run-1" / MANIFEST_NAME).is_file():
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the trainer never saved its first checkpoint"
-            time.sleep(0.1)
-        _freeze_and_signal(proc, sig)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + sig, err[-3000:]
+    code, err = _signal_midway(cmd, (save / "m" / "run-1" / MANIFEST_NAME).is_file, sig,
+                               "saved its first checkpoint")
+    assert code == 128 + sig, err[-3000:]
     line = _stop_line(err)
     step = int(line.split("after training step ")[1].split(" ")[0])
     assert 1 <= step < 8 and line.startswith(f"stopped by {signal.Signals(sig).name} after training step {step} of 8")
@@ -632,8 +641,7 @@ def test_a_signal_stops_the_trainer_cleanly_and_resume_gives_the_same_export(sig
     assert command.endswith(" --resume")
     if sig != signal.SIGINT:
         return  # the resume is checked once
-    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], env=ENV, capture_output=True, text=True,
-                             timeout=600)
+    resumed = _continue(line)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"
     ref = subprocess.run([*_train_cli(cache, tiny_teacher_dir, straight, "--export-dir", str(straight / "draft")),
@@ -656,27 +664,14 @@ def test_a_signal_stops_the_cache_build_cleanly_and_resume_completes_it(tiny_tea
              str(tiny_teacher_dir), "--out-dir", str(out), "--ctx-len", str(CTX), "--block-size", str(B),
              "--num-context-features", str(K), "--num-blocks", "256", "--batch-size", "8", "--layout", "windows",
              "--dp", "2", "--tp", "4", "--no-progress"]
-    proc = subprocess.Popen(build, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not (out / "progress.json").is_file() or read_progress(out) < 8:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the build never wrote its first chunk"
-            time.sleep(0.05)
-        _freeze_and_signal(proc, signal.SIGINT)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err[-3000:]
+    code, err = _signal_midway(build, lambda: (out / "progress.json").is_file() and read_progress(out) >= 8,
+                               signal.SIGINT, "wrote its first chunk")
+    assert code == 130, err[-3000:]
     line = _stop_line(err)
     done = read_progress(out)
     assert line.startswith(f"stopped by SIGINT after window {done} of 256; the {done} windows done are written")
     assert 8 <= done < 256 and line.endswith(" --resume")
-    resumed = subprocess.run([sys.executable, *shlex.split(line.split("Continue with: ")[1])[1:]], env=ENV,
-                             capture_output=True, text=True, timeout=600)
+    resumed = _continue(line)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight"
     whole = subprocess.run([*build[:5], str(straight), *build[6:]], env=ENV, capture_output=True, text=True,
@@ -766,28 +761,15 @@ def test_a_signal_stops_data_generation_cleanly_and_resume_completes_it(tiny_tea
            str(tiny_teacher_dir), "--out", str(out), "--num-samples", "24", "--prompt-tokens", "32",
            "--max-new-tokens", "64", "--batch-size", "4"]
     partial = Path(f"{out}.partial")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not partial.is_file() or partial.read_bytes().count(b"\n") < 4:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "data generation never wrote its first batch"
-            time.sleep(0.05)
-        _freeze_and_signal(proc, signal.SIGTERM)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err[-3000:]
+    code, err = _signal_midway(cmd, lambda: partial.is_file() and partial.read_bytes().count(b"\n") >= 4,
+                               signal.SIGTERM, "wrote its first batch")
+    assert code == 143, err[-3000:]
     line = _stop_line(err)
     kept = partial.read_bytes().count(b"\n")
     assert line.startswith(f"stopped by SIGTERM after sample {kept} of 24; the {kept} samples done are kept in "
                            f"{partial}.") and line.endswith(" --resume")
     assert 4 <= kept < 24 and not out.exists()
-    resumed = subprocess.run([sys.executable, *shlex.split(line.split("Continue with: ")[1])[1:]], env=ENV,
-                             capture_output=True, text=True, timeout=600)
+    resumed = _continue(line)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = tmp_path / "straight.jsonl"
     whole = subprocess.run([*cmd[:5], str(straight), *cmd[6:]], env=ENV, capture_output=True, text=True,
