@@ -5,13 +5,13 @@ checks the snapshot, the layer-id rule, the window length against the model and
 the data, the out-dir's state and the size against free space, all without
 importing jax; only then is the teacher loaded.
 
-Windows (``cache_data``): the data (JSONL documents, or the tiny teacher's corpus) is one
+Windows (``cache_input``): the data (JSONL documents, or the tiny teacher's corpus) is one
 token stream with EOS after every document. Window ``i`` starts at offset ``o_i`` drawn
 uniformly from ``[0, N - window_len]`` by ``np.random.default_rng(seed)``; windows
 may overlap and cross document boundaries (as in pretraining-style packing). The
 offsets are stored in ``window_offsets.npy`` so any row can be traced to its data.
 
-Nothing lost: one build per out-dir (``job_lock``), the arrays' disk space reserved before the
+Nothing lost: one build per out-dir (``run_safety/job_lock``), the arrays' disk space reserved before the
 teacher loads (``open_out_dir``), ``complete`` and then the manifest written last.
 
 Throughput: the teacher forward runs on the main thread; converting to bf16 and
@@ -37,15 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dflash_gptoss import stop_signals
 from dflash_gptoss.bf16 import to_bf16_bits
-from dflash_gptoss.cache_data import (
-    DEFAULT_DATA,
-    CacheBuildError,
-    blocks_allowed_starts,
-    load_token_stream,
-    window_offsets,
-)
 from dflash_gptoss.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -73,9 +65,17 @@ from dflash_gptoss.cache_format import (
     write_json_atomic,
     write_progress,
 )
-from dflash_gptoss.config import target_layer_ids
-from dflash_gptoss.integrity import MANIFEST_NAME
-from dflash_gptoss.job_lock import LOCK_NAME, DirLock, LockHeldError, acquire_for_job
+from dflash_gptoss.cache_input import (
+    DEFAULT_DATA,
+    CacheBuildError,
+    blocks_allowed_starts,
+    load_token_stream,
+    window_offsets,
+)
+from dflash_gptoss.draft_config import target_layer_ids
+from dflash_gptoss.run_safety import stop_signals
+from dflash_gptoss.run_safety.integrity import MANIFEST_NAME
+from dflash_gptoss.run_safety.job_lock import LOCK_NAME, DirLock, LockHeldError, acquire_for_job
 
 DTYPES = ("float32", "bfloat16")
 
@@ -136,7 +136,7 @@ def read_teacher_config(snapshot_dir: str | os.PathLike) -> dict[str, Any]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CacheBuildError(f"--model-snapshot-dir {path} has no config.json; it is not a model snapshot.")
-    from dflash_gptoss.snapshot import SnapshotError, read_config
+    from dflash_gptoss.teacher_snapshot import SnapshotError, read_config
 
     try:
         return read_config(path)  # parses (naming line and column), GPT-OSS, the sizes the cache needs
@@ -328,7 +328,7 @@ def check_build_geometry(model_snapshot_dir: str | os.PathLike, *, layout: str, 
 
 def _fingerprint(snapshot_dir: Path) -> str | None:
     """The teacher's identity (``integrity.weights_fingerprint``); None for a config-only folder (a plan)."""
-    from dflash_gptoss.integrity import weights_fingerprint
+    from dflash_gptoss.run_safety.integrity import weights_fingerprint
 
     try:
         return weights_fingerprint(snapshot_dir) if any(snapshot_dir.glob("*.safetensors")) else None
@@ -611,8 +611,8 @@ def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
 def check_teacher_snapshot(plan: BuildPlan) -> None:
     """The snapshot's weights (every tensor's header) before the out-dir is touched or the teacher loads, so a
     damaged snapshot leaves no cache folder behind. A plan reads ``config.json``, and ``tokenizer.json``
-    when its data needs tokenizing (``cache_data``), each through the same validator."""
-    from dflash_gptoss.snapshot import SnapshotError, validate_snapshot
+    when its data needs tokenizing (``cache_input``), each through the same validator."""
+    from dflash_gptoss.teacher_snapshot import SnapshotError, validate_snapshot
 
     if plan.already_complete:
         return

@@ -493,7 +493,7 @@ def write_progress(cache_dir: str | os.PathLike, windows_done: int, num_windows:
 
 def mark_complete(cache_dir: str | os.PathLike, meta: dict[str, Any]) -> dict[str, Any]:
     """The last writes of a build: meta.json with ``complete: true``, then the manifest (both atomic)."""
-    from dflash_gptoss.integrity import write_manifest
+    from dflash_gptoss.run_safety.integrity import write_manifest
 
     done = dict(meta, complete=True)
     write_json_atomic(Path(cache_dir) / META_FILE, done)
@@ -503,7 +503,7 @@ def mark_complete(cache_dir: str | os.PathLike, meta: dict[str, Any]) -> dict[st
 
 def verify_cache_files(cache_dir: str | os.PathLike, check: str = "size", *, progress: bool = False) -> None:
     """A complete cache against its manifest (``integrity.verify_manifest``), as a CacheFormatError."""
-    from dflash_gptoss.integrity import IntegrityError, verify_manifest
+    from dflash_gptoss.run_safety.integrity import IntegrityError, verify_manifest
 
     try:
         verify_manifest(cache_dir, what="teacher cache", check=check, progress=progress)

@@ -74,7 +74,7 @@ def rope_parameters_from_legacy(rope_theta: float | None, rope_scaling: dict[str
 class DFlashDraftConfig(Qwen3Config):
     """A ``Qwen3Config`` with the DFlash fields (``block_size``, ``num_target_layers``, ``dflash_config``).
 
-    Made by :func:`dflash_gptoss.config.make_draft_config` (the one place a draft config is built
+    Made by :func:`dflash_gptoss.draft_config.make_draft_config` (the one place a draft config is built
     from a target); here it only defines the fields and how they are written.
     """
 

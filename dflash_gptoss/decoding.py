@@ -43,7 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-from dflash_gptoss.target import TargetRunner, new_target_cache
+from dflash_gptoss.teacher_torch import TargetRunner, new_target_cache
 
 
 def _sync(device: torch.device) -> float:

@@ -59,7 +59,7 @@ def check_feature_stats(meta: dict, cache_dir: Path) -> None:
 
 def resolve_check(cache_dir: Path, verify: str) -> str:
     """``verify`` "auto" -> "full" for a cache up to ``integrity.AUTO_FULL_BYTES``, else "size"."""
-    from dflash_gptoss.integrity import AUTO_FULL_BYTES, CHECKS, IntegrityError, read_manifest
+    from dflash_gptoss.run_safety.integrity import AUTO_FULL_BYTES, CHECKS, IntegrityError, read_manifest
 
     if verify != "auto":
         if verify not in CHECKS:
@@ -231,7 +231,7 @@ class DFlashCacheDataset:
         teacher may sit elsewhere on the training machine, and another teacher of the same shapes
         would pass every shape check while its features mean something else.
         """
-        from dflash_gptoss.integrity import weights_fingerprint
+        from dflash_gptoss.run_safety.integrity import weights_fingerprint
 
         recorded = self.meta["teacher"].get("weights_fingerprint")
         try:

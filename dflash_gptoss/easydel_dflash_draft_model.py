@@ -8,7 +8,7 @@ the context before its own anchor and the B slots of its own block (never anothe
 Why an ``EasyDeLBaseModule``: the easydel Trainer calls ``to_state``, ``mesh``, the partition
 rules, ``flops_per_token`` and ``save_pretrained`` on the model, so the draft is a small subclass
 with its own config class. That config is always built FROM the shared draft config
-(:func:`dflash_gptoss.config.make_draft_config`, a ``DFlashDraftConfig``: a transformers
+(:func:`dflash_gptoss.draft_config.make_draft_config`, a ``DFlashDraftConfig``: a transformers
 ``Qwen3Config`` subclass), so there is one source of truth for sizes, RoPE, ``block_size`` and
 ``dflash_config``. The JAX draft has no attention biases (``attention_bias`` stays false here).
 

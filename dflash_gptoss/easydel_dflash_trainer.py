@@ -58,6 +58,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
+from dflash_gptoss.train_batches import anchors_per_row, host_batch, load_frozen_tables
 from dflash_gptoss.train_step import (
     BATCH_SPEC,
     FROZEN_TABLE_SPEC,
@@ -65,7 +66,6 @@ from dflash_gptoss.train_step import (
     resolve_loss_decay_gamma,
     slot_weights,
 )
-from dflash_gptoss.training_data import anchors_per_row, host_batch, load_frozen_tables
 
 __all__ = [
     "DFlashTrainer",
@@ -102,7 +102,7 @@ def _is_write_failure(e: BaseException) -> bool:
 
 def _write_failure_reason(e: BaseException) -> str:
     """The OSError's reason (``preflight.write_failure_reason``) or, for tensorstore's, its first line."""
-    from dflash_gptoss.preflight import write_failure_reason
+    from dflash_gptoss.run_safety.preflight import write_failure_reason
 
     first = e
     while e is not None and not isinstance(e, OSError):
@@ -252,7 +252,7 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
     # --- held-out evaluation ----------------------------------------------------
     def evaluator(self, eval_set: Any = None) -> Any:
         """A :class:`HeldoutEvaluator` on this trainer's mesh and shardings (the run's eval set by default)."""
-        from dflash_gptoss.heldout_eval import HeldoutEvaluator
+        from dflash_gptoss.train_heldout_eval import HeldoutEvaluator
 
         eval_set = self.eval_set if eval_set is None else eval_set
         if id(eval_set) not in self._evaluators:
@@ -311,9 +311,9 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         """After a completed step, a pending SIGINT/SIGTERM saves that step (verified manifest) and stops.
 
         The step is complete and finite (``apply_training_hooks`` ran), so its checkpoint is what an
-        uninterrupted run would hold there: ``--resume`` continues exactly (``stop_signals`` module doc).
+        uninterrupted run would hold there: ``--resume`` continues exactly (``run_safety/stop_signals`` module doc).
         """
-        from dflash_gptoss.stop_signals import StopRequested, requested
+        from dflash_gptoss.run_safety.stop_signals import StopRequested, requested
 
         flag = requested()
         if flag is None:
@@ -329,9 +329,9 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         A failed save (a full disk, above all) removes the half-written ``run-<step>`` and raises
         :class:`CheckpointWriteError` naming the newest good checkpoint, which stays untouched.
         """
-        from dflash_gptoss.checkpoints import CHECKPOINT_KIND, newest_good
         from dflash_gptoss.distributed import is_main_process, sync
-        from dflash_gptoss.integrity import write_manifest
+        from dflash_gptoss.run_safety.integrity import write_manifest
+        from dflash_gptoss.train_checkpoints import CHECKPOINT_KIND, newest_good
 
         target = Path(self.arguments.save_directory) / self.arguments.model_name / f"run-{int(step)}"
         try:
@@ -393,7 +393,7 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
         values = {"loss": metrics.loss, "gradient norm": metrics.max_grad_norm}
         bad = {k: float(v) for k, v in values.items() if v is not None and not math.isfinite(float(v))}
         if bad:
-            from dflash_gptoss.checkpoints import newest_good
+            from dflash_gptoss.train_checkpoints import newest_good
 
             step = getattr(self, "_step_in_flight", None)
             rows = self.rows_of_step(step).tolist() if step is not None else []
@@ -470,7 +470,7 @@ def _check_positive(name: str, value: Any) -> None:
 
 def _default_mask_token_id(snapshot_dir: str, vocab_size: int) -> int:
     """The project's MASK default (``config.default_mask_token_id``), as a trainer input error."""
-    from dflash_gptoss.config import default_mask_token_id
+    from dflash_gptoss.draft_config import default_mask_token_id
 
     try:
         return default_mask_token_id(vocab_size, snapshot_dir)
@@ -590,12 +590,12 @@ def build_trainer(s: DFlashTrainingSettings) -> tuple[DFlashTrainer, Any]:
     """
     from transformers import AutoConfig
 
-    from dflash_gptoss.config import make_draft_config
+    from dflash_gptoss.draft_config import make_draft_config
 
     validate_settings(s)
     if s.lr_schedule not in _SCHEDULES:
         raise TrainerInputError(f"lr_schedule={s.lr_schedule!r}; choose one of {sorted(_SCHEDULES)}.")
-    from dflash_gptoss.snapshot import SnapshotError, check_tokenizer, validate_snapshot
+    from dflash_gptoss.teacher_snapshot import SnapshotError, check_tokenizer, validate_snapshot
 
     try:  # config.json, the weights' headers, tokenizer.json: a damaged snapshot is named, not blamed on the cache
         validate_snapshot(s.teacher_snapshot_dir, tokenizer=False)
@@ -647,7 +647,7 @@ def _held_out(s: DFlashTrainingSettings, ds: DFlashCacheDataset, block_size: int
     is given, else Nones."""
     if not s.eval_cache_dir:
         return None, None, None
-    from dflash_gptoss.heldout_eval import EvalCacheError, build_eval_set, check_eval_cache, check_held_out
+    from dflash_gptoss.train_heldout_eval import EvalCacheError, build_eval_set, check_eval_cache, check_held_out
 
     eval_ds = DFlashCacheDataset(s.eval_cache_dir, seed=s.seed, bf16_as_bits=True, verify=s.verify_cache)
     check_eval_cache(ds.meta, eval_ds.meta, s.eval_cache_dir)
@@ -672,8 +672,8 @@ def _teacher_top_k(s: DFlashTrainingSettings, eval_ds: DFlashCacheDataset) -> An
     if s.eval_top_k > vocab:
         raise TrainerInputError(f"--eval-top-k {s.eval_top_k} is more than the teacher's {vocab} tokens.")
 
-    from dflash_gptoss.heldout_eval import teacher_top_k
     from dflash_gptoss.teacher_jax import JaxTeacher
+    from dflash_gptoss.train_heldout_eval import teacher_top_k
 
     _logger().info(f"--eval-temperature {s.eval_temperature:g}: the teacher's top-{s.eval_top_k} probabilities at "
                    f"every position of the {eval_ds.num_items} eval windows (once)")
@@ -692,7 +692,7 @@ def cache_identity(cache_dir: str | Path | None) -> dict[str, Any] | None:
         return None
     import hashlib
 
-    from dflash_gptoss.integrity import MANIFEST_NAME
+    from dflash_gptoss.run_safety.integrity import MANIFEST_NAME
 
     manifest = Path(cache_dir) / MANIFEST_NAME
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
@@ -703,9 +703,9 @@ def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCa
                       gamma: float) -> tuple[Any, Path | None]:
     """Lock ``save_directory/model_name`` for this job, pick (and verify) the checkpoint to resume, and
     record or compare the run's fixed settings (``checkpoints`` module doc)."""
-    from dflash_gptoss.checkpoints import check_resume_matches, checkpoint_to_resume, run_record, write_run_record
     from dflash_gptoss.distributed import is_main_process
-    from dflash_gptoss.job_lock import acquire_for_job
+    from dflash_gptoss.run_safety.job_lock import acquire_for_job
+    from dflash_gptoss.train_checkpoints import check_resume_matches, checkpoint_to_resume, run_record, write_run_record
 
     run_dir = Path(s.save_directory).absolute() / s.model_name
     existed = run_dir.exists()
@@ -765,7 +765,7 @@ def _assemble(s: DFlashTrainingSettings, ds: DFlashCacheDataset, teacher_cfg: An
 
 def latest_checkpoint(save_directory: str | Path, model_name: str) -> Path | None:
     """The ``run-<step>`` folder with the highest step under ``save_directory/model_name``, if any."""
-    from dflash_gptoss.checkpoints import checkpoints
+    from dflash_gptoss.train_checkpoints import checkpoints
 
     found = checkpoints(Path(save_directory) / model_name)
     return found[-1] if found else None
@@ -777,9 +777,9 @@ def export_checkpoint(checkpoint_dir: str | Path, draft_config: Any, out_dir: st
 
     ``dp`` defaults to every device over ``tp`` (an easydel mesh must cover all visible devices).
     """
-    from dflash_gptoss.checkpoints import require_good
     from dflash_gptoss.easydel_dflash_draft_model import load_draft_state
     from dflash_gptoss.export_draft import export_nnx_draft
+    from dflash_gptoss.train_checkpoints import require_good
 
     dp = jax.device_count() // tp if dp is None else dp
     state = load_draft_state(require_good(Path(checkpoint_dir)), dp=dp, tp=tp)
@@ -803,7 +803,7 @@ def run_training(s: DFlashTrainingSettings, built: tuple[DFlashTrainer, Any] | N
 
 
 def _train_and_export(s: DFlashTrainingSettings, trainer: DFlashTrainer, draft_config: Any) -> dict[str, Any]:
-    from dflash_gptoss.trainer_export import export_checked
+    from dflash_gptoss.export_after_training import export_checked
 
     start_step = int(jax.device_get(trainer.model_state.step))
     output = trainer.train()

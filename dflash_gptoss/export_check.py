@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dflash_gptoss.heldout_eval import EvalBlock, accept_lengths
+from dflash_gptoss.train_heldout_eval import EvalBlock, accept_lengths
 
 CHECK_FILE = "export_check.json"
 MAX_ACCEPT_GAP = 0.02
@@ -38,7 +38,7 @@ def _tables_module(snapshot_dir: str | Path) -> Any:
     import torch
     from torch import nn
 
-    from dflash_gptoss.training_data import load_frozen_tables
+    from dflash_gptoss.train_batches import load_frozen_tables
 
     embed, lm_head = load_frozen_tables(snapshot_dir)
 

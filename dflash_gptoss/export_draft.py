@@ -4,7 +4,7 @@ The folder is what :meth:`DFlashDraftModel.from_pretrained` (benchmark), serving
 ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` read. It is written by the torch
 draft's own ``save_pretrained`` (transformers'), so a JAX export and a torch save are the same
 kind of folder: ``config.json`` from the SHARED draft config
-(:func:`dflash_gptoss.config.make_draft_config`; never a second config writer, legacy RoPE keys
+(:func:`dflash_gptoss.draft_config.make_draft_config`; never a second config writer, legacy RoPE keys
 included), ``model.safetensors`` with exactly the torch draft's state-dict names and shapes, and
 ``auto_map`` + the two self-contained code files. The expected names and shapes come from a torch
 draft built on the ``meta`` device, so a drift between the two implementations is an error at
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dflash_gptoss.preflight import OutputPathError, check_output_dir
+from dflash_gptoss.run_safety.preflight import OutputPathError, check_output_dir
 
 _EXPORT_DTYPES = ("float32", "bfloat16")
 

@@ -3,7 +3,7 @@
 The teacher cache's features are computed here and consumed by a draft that, at inference,
 is fed by transformers' ``GptOssForCausalLM``. Any difference between the two silently
 trains the draft on features it never sees, so this module only ever builds the model
-through :mod:`dflash_gptoss.easydel_gptoss_fixes` (which corrects easydel 0.3.0 where it
+through :mod:`dflash_gptoss.teacher_easydel_fixes` (which corrects easydel 0.3.0 where it
 differs from transformers) and loads weights itself, straight from the safetensors files
 (float or MXFP4), never through a torch model (easydel's torch path loads in float16).
 
@@ -32,7 +32,7 @@ def read_snapshot_config(snapshot_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise ValueError(f"teacher snapshot dir {str(path)!r} has no config.json; pass a Hugging Face "
                          "snapshot folder")
-    from dflash_gptoss.snapshot import read_config
+    from dflash_gptoss.teacher_snapshot import read_config
 
     cfg = read_config(path)
     if not sorted(path.glob("*.safetensors")):
@@ -71,14 +71,14 @@ def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: An
     and per row and layer the number of non-finite values, their sum and their sum of squares (the
     build's finiteness check and ``meta.json``'s feature statistics, reduced on device for free).
     One definition for the real build (:class:`JaxTeacher`) and the TPU planner
-    (:mod:`dflash_gptoss.tpu_plan`), so a plan compiles exactly what a build runs.
+    (:mod:`dflash_gptoss.planning.tpu_plan`), so a plan compiles exactly what a build runs.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
+    from dflash_gptoss.teacher_easydel_fixes import decoder_forward
 
     layer_ids = tuple(int(i) for i in layer_ids)
     out_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
@@ -131,7 +131,7 @@ class JaxTeacher:
         validate_layout(cfg, self.layer_ids, dp, tp, dtype)
         from transformers import GptOssConfig
 
-        from dflash_gptoss.easydel_gptoss_fixes import load_easydel_gptoss
+        from dflash_gptoss.teacher_easydel_fixes import load_easydel_gptoss
 
         self.snapshot_dir = Path(snapshot_dir)
         self.config = GptOssConfig.from_pretrained(str(self.snapshot_dir))
@@ -147,7 +147,7 @@ class JaxTeacher:
         import jax.numpy as jnp
         from flax import nnx
 
-        from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
+        from dflash_gptoss.teacher_easydel_fixes import decoder_forward
 
         graphdef, state = nnx.split(self.model)
         self._state = state

@@ -3,7 +3,7 @@
 No machine here reaches a model hub, so the default pipeline runs on a teacher
 the project builds itself in a few minutes on CPU: a byte-level BPE tokenizer
 and a :class:`transformers.GptOssForCausalLM` trained on Python's own standard
-library (:mod:`dflash_gptoss.corpus`). It exercises the same code paths as
+library (:mod:`dflash_gptoss.data_corpus`). It exercises the same code paths as
 gpt-oss-20b (alternating sliding/full attention, attention sinks, YaRN RoPE,
 MoE) and is saved as an ordinary Hugging Face snapshot folder, so every script
 loads it exactly like the real model.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dflash_gptoss import corpus
+from dflash_gptoss import data_corpus
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -276,7 +276,7 @@ def greedy_sample(model: GptOssForCausalLM, tokenizer: Any, spec: TrainSpec) -> 
     """Prompt text and greedy continuation from the first held-out benchmark prompt."""
     import torch
 
-    prompt = corpus.heldout_prompts(tokenizer, 1, spec.sample_prompt_tokens, seed=0)[0]
+    prompt = data_corpus.heldout_prompts(tokenizer, 1, spec.sample_prompt_tokens, seed=0)[0]
     input_ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(
@@ -323,10 +323,11 @@ def build_tiny_teacher(out_dir: Path, spec: TrainSpec, *, seed: int = 0, progres
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     with _torch_threads(_cpu_count()):
-        raw_tokenizer = train_tokenizer(spec.vocab_size, corpus.read_texts("train"))
+        raw_tokenizer = train_tokenizer(spec.vocab_size, data_corpus.read_texts("train"))
         tokenizer = wrap_tokenizer(raw_tokenizer)
-        train_stream = corpus.token_stream(raw_tokenizer, "train")
-        eval_windows = heldout_windows(corpus.token_stream(raw_tokenizer, "heldout"), spec.eval_windows, spec.seq_len)
+        train_stream = data_corpus.token_stream(raw_tokenizer, "train")
+        eval_windows = heldout_windows(data_corpus.token_stream(raw_tokenizer, "heldout"), spec.eval_windows,
+                                       spec.seq_len)
 
         torch.manual_seed(seed)
         config = spec.model_config(tokenizer.eos_token_id)

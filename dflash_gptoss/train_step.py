@@ -6,7 +6,7 @@ plan compiles exactly the program a run executes, with the run's shardings: batc
 ``dp`` (:data:`BATCH_SPEC`), the frozen ``embed_tokens`` / ``lm_head`` vocab rows over ``tp``
 (:data:`FROZEN_TABLE_SPEC`), the draft state as easydel shards it. The loss is exact
 cross-entropy over the whole vocabulary, computed in vocab chunks on each tp shard
-(``sharded_ce``); no logits tensor of the full vocabulary is ever made.
+(``train_sharded_ce``); no logits tensor of the full vocabulary is ever made.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def dflash_loss_and_metrics(
     every mean. Returns ``(loss, metrics)`` with per-slot accuracy ``[B-1]``, mean accuracy,
     both acceptance-length figures and the per-block, per-slot correctness ``correct``.
     """
-    from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy
+    from dflash_gptoss.train_sharded_ce import chunked_sharded_cross_entropy
 
     b, nb, bs, h = hidden.shape
     labels = target_ids[..., 1:].astype(jnp.int32)
@@ -203,7 +203,7 @@ def make_train_step(mesh: Any, state_shardings: Any, *, mask_token_id: int, weig
     """:func:`dflash_training_step`, jitted with the trainer's shardings; the state is donated.
 
     ``fn(state, batch, embed, lm_head) -> (state, metrics)``. One definition for the trainer
-    (:meth:`DFlashTrainer.configure_functions`) and the TPU planner (:mod:`dflash_gptoss.tpu_plan`),
+    (:meth:`DFlashTrainer.configure_functions`) and the TPU planner (:mod:`dflash_gptoss.planning.tpu_plan`),
     so a plan compiles exactly the step a run executes.
     """
     table = NamedSharding(mesh, FROZEN_TABLE_SPEC)

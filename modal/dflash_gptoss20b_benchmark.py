@@ -53,7 +53,7 @@ def benchmark(draft: str = "oracle", max_new_tokens: int = 256, block_size: int 
 
     from huggingface_hub import snapshot_download
 
-    from dflash_gptoss.benchmark import BenchSettings, benchmark_snapshot
+    from dflash_gptoss.benchmark.core import BenchSettings, benchmark_snapshot
 
     snapshot = snapshot_download(MODEL_ID, cache_dir=WEIGHTS_DIR)
     weights.commit()
@@ -74,7 +74,7 @@ def main(draft: str = "oracle", max_new_tokens: int = 256, block_size: int = 8, 
          prompts_file: str = "", repeats: int | None = None, out_dir: str = str(REPO / "artifacts" / "dflash_bench"),
          report_name: str | None = None, temperature: float = 0.0, top_p: float | None = None,
          draft_sample: str = "greedy", seed: int = 0) -> None:
-    from dflash_gptoss.benchmark import BenchSettings, prepare_outputs, summary_lines, write_report
+    from dflash_gptoss.benchmark.core import BenchSettings, prepare_outputs, summary_lines, write_report
 
     # Everything that can be refused here is refused before a GPU is paid for (the draft path is on the volume).
     try:

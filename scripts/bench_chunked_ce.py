@@ -90,7 +90,7 @@ def _setup(args: argparse.Namespace, variants: tuple[str, ...]) -> tuple[tuple[A
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy, dense_cross_entropy
+    from dflash_gptoss.train_sharded_ce import chunked_sharded_cross_entropy, dense_cross_entropy
 
     mesh = Mesh(np.array(jax.devices()[: args.dp * args.tp]).reshape(args.dp, args.tp), ("dp", "tp"))
     k = jax.random.split(jax.random.key(args.seed), 3)

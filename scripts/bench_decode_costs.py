@@ -55,13 +55,13 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoConfig, GptOssConfig, GptOssForCausalLM
 
-    from dflash_gptoss.benchmark import DEFAULT_CPU_THREADS, device_name, resolve_target_snapshot
-    from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, default_num_context_features, make_draft_config
-    from dflash_gptoss.decode_costs import measure_costs
+    from dflash_gptoss.benchmark.core import DEFAULT_CPU_THREADS, device_name, resolve_target_snapshot
+    from dflash_gptoss.benchmark.decode_costs import measure_costs
     from dflash_gptoss.decoding import OracleDrafter, greedy_decode, speculative_decode
+    from dflash_gptoss.draft_config import GPT_OSS_MASK_TOKEN_ID, default_num_context_features, make_draft_config
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-    from dflash_gptoss.preflight import check_output_dir
-    from dflash_gptoss.target import (
+    from dflash_gptoss.run_safety.preflight import check_output_dir
+    from dflash_gptoss.teacher_torch import (
         TargetRunner,
         check_gpt_oss_snapshot,
         load_target,

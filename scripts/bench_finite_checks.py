@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import nnx
 
-    from dflash_gptoss.easydel_gptoss_fixes import decoder_forward
+    from dflash_gptoss.teacher_easydel_fixes import decoder_forward
     from dflash_gptoss.teacher_jax import JaxTeacher
     from dflash_gptoss.tiny_teacher import ensure_tiny_teacher
 

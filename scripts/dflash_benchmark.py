@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dflash_gptoss.benchmark import (  # noqa: E402
+from dflash_gptoss.benchmark.core import (  # noqa: E402
     DEFAULT_CPU_THREADS,
     DEFAULT_REPEATS,
     BenchSettings,
@@ -47,7 +47,7 @@ from dflash_gptoss.benchmark import (  # noqa: E402
     write_report,
 )
 from dflash_gptoss.cli_types import positive_int  # noqa: E402
-from dflash_gptoss.report_stem import release  # noqa: E402
+from dflash_gptoss.run_safety.report_stem import release  # noqa: E402
 
 EXIT_REPORT_NOT_WRITTEN = 3
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         json_path, png_path = write_report(report, out_dir, stem=stem)
     except OSError as err:
-        from dflash_gptoss.preflight import write_failure_message
+        from dflash_gptoss.run_safety.preflight import write_failure_message
 
         release(stem)
         print(f"error: {write_failure_message(err, 'writing the report')} The figures are printed above; nothing "

@@ -63,21 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers import AutoTokenizer
 
-    from dflash_gptoss.benchmark import resolve_target_snapshot
-    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
-    from dflash_gptoss.target import check_gpt_oss_snapshot
-    from dflash_gptoss.teacher_data import TeacherDataError, generate_teacher_data
+    from dflash_gptoss.benchmark.core import resolve_target_snapshot
+    from dflash_gptoss.data_generation import TeacherDataError, generate_teacher_data
+    from dflash_gptoss.run_safety.stop_signals import StopRequested, report, stop_on_signals
+    from dflash_gptoss.teacher_torch import check_gpt_oss_snapshot
 
     try:
         snapshot, _ = resolve_target_snapshot(args.model_snapshot_dir)
         check_gpt_oss_snapshot(snapshot)  # a damaged config, tokenizer or weights file is named before any load
         tokenizer = AutoTokenizer.from_pretrained(snapshot)
         if args.prompts_file:
-            from dflash_gptoss.prompts import load_prompts_file
+            from dflash_gptoss.benchmark.prompts import load_prompts_file
 
             prompts = load_prompts_file(args.prompts_file, tokenizer, chat=args.chat)[: args.num_samples]
         else:
-            from dflash_gptoss.corpus import split_prompts
+            from dflash_gptoss.data_corpus import split_prompts
 
             prompts = split_prompts(tokenizer, args.split, args.num_samples, args.prompt_tokens, seed=args.seed)
         with stop_on_signals():  # Ctrl-C / SIGTERM: stop after the batch in flight, keeping every sample written
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # a write failed (a full disk, above all): the samples written so far are kept
-        from dflash_gptoss.preflight import write_failure_message
-        from dflash_gptoss.stop_signals import continue_command
+        from dflash_gptoss.run_safety.preflight import write_failure_message
+        from dflash_gptoss.run_safety.stop_signals import continue_command
 
         print(f"error: {write_failure_message(exc, 'writing the teacher data')} Every sample written before it is "
               f"kept: free space, then continue with: {continue_command(sys.argv)}", file=sys.stderr)

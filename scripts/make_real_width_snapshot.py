@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a random-weight GPT-OSS snapshot with gpt-oss-20b's exact widths (fewer layers and experts).
 
-Thin CLI over :mod:`dflash_gptoss.real_width_snapshot`; scripts/rehearse_real_widths.sh runs the
+Thin CLI over :mod:`dflash_gptoss.planning.real_width_snapshot`; scripts/rehearse_real_widths.sh runs the
 real pipeline on it. ~2.5 GB on disk at the defaults (embedding and lm_head are 201088 x 2880 bf16).
 """
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-dir", default=None,
                    help="folder with tokenizer.json to copy (default: the embedded tiny teacher's).")
     args = p.parse_args(argv)
-    from dflash_gptoss.real_width_snapshot import real_width_config, write_real_width_snapshot
+    from dflash_gptoss.planning.real_width_snapshot import real_width_config, write_real_width_snapshot
 
     try:
         real_width_config(args.num_layers, args.num_experts)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=None, help="where the JSON and PNG go (default: beside --bench-json).")
     p.add_argument("--name", default=None, help="file stem (default: the --bench-json stem).")
     args = p.parse_args(argv)
-    from dflash_gptoss.pipeline_report import summary_table, write_pipeline_report
+    from dflash_gptoss.benchmark.pipeline_report import summary_table, write_pipeline_report
 
     bench = Path(args.bench_json)
     for path in (bench, Path(args.train_summary)):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plan both paid steps (teacher cache, draft training) for a named TPU, on this machine, before renting it.
 
-Thin CLI over :mod:`dflash_gptoss.tpu_plan`: compiles the builder's teacher forward and the trainer's
+Thin CLI over :mod:`dflash_gptoss.planning.tpu_plan`: compiles the builder's teacher forward and the trainer's
 optimizer step for the TPU topology (libtpu, no TPU needed, no weights: config.json or a preset name
 is enough) and prints per-chip memory, FLOPs and the estimated time of each step. The flags are the
 two real scripts' own, with their defaults; ``--plan-json`` writes ``{"cache": plan, "train": plan}``.
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dflash_gptoss.cli_types import non_negative_float, positive_float, positive_int  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import STEPS, add_plan_arguments, run_plans  # noqa: E402
+from dflash_gptoss.planning.cli import STEPS, add_plan_arguments, run_plans  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,12 +25,12 @@ SNAP="$REH_DIR/snapshot"
 LOG="$REH_DIR/steps.jsonl"
 mkdir -p "$REH_DIR"
 rm -f "$LOG"
-step() {  # step NAME CMD...: run one step under dflash_gptoss.measure_step (wall time, peak RSS)
+step() {  # step NAME CMD...: run one step under dflash_gptoss.benchmark.measure_step (wall time, peak RSS)
   local name=$1
   shift
   echo
   echo "=== $name ==="
-  $PY -m dflash_gptoss.measure_step --name "$name" --log "$LOG" -- "$@"
+  $PY -m dflash_gptoss.benchmark.measure_step --name "$name" --log "$LOG" -- "$@"
 }
 
 [ "${SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh  # SKIP_SETUP=1: use the .venv as it is

@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash_gptoss.cache_data import DEFAULT_DATA  # noqa: E402  (light: numpy only)
+from dflash_gptoss.cache_input import DEFAULT_DATA  # noqa: E402  (light: numpy only)
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
+from dflash_gptoss.planning.cli import add_plan_arguments, run_plans  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         run_plan,
     )
     from dflash_gptoss.cache_format import bytes_per_window
-    from dflash_gptoss.preflight import write_failure_message
+    from dflash_gptoss.run_safety.preflight import write_failure_message
 
     try:
         plan = plan_teacher_cache(
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from dflash_gptoss.cache_builder import CacheBuildError
     from dflash_gptoss.distributed import is_main_process
-    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
+    from dflash_gptoss.run_safety.stop_signals import StopRequested, report, stop_on_signals
 
     try:
         with stop_on_signals():  # Ctrl-C / SIGTERM: stop after the chunk in flight, keeping every written chunk

@@ -17,7 +17,7 @@ from dflash_gptoss.cli_types import non_negative_float as _non_negative_float  #
 from dflash_gptoss.cli_types import positive_float as _positive_float  # noqa: E402
 from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
 from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.tpu_plan_cli import add_plan_arguments, run_plans  # noqa: E402
+from dflash_gptoss.planning.cli import add_plan_arguments, run_plans  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(getattr(args, flag)).is_dir():
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not a directory")
     from dflash_gptoss.export_draft import check_export_dir
-    from dflash_gptoss.preflight import OutputPathError, check_output_dir, check_output_file
+    from dflash_gptoss.run_safety.preflight import OutputPathError, check_output_dir, check_output_file
 
     try:  # every output path, before anything expensive (not after hours of training)
         check_output_dir(Path(args.save_directory) / args.model_name, "--save-directory/--model-name")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     initialize_from_args(args, parser)  # before any other JAX use; a no-op for one process
     from dflash_gptoss.distributed import is_main_process
-    from dflash_gptoss.report_stem import release, reserve_writer
+    from dflash_gptoss.run_safety.report_stem import release, reserve_writer
 
     writer = None
     if args.summary_json and is_main_process():  # one writer per summary file while this run lasts
@@ -173,8 +173,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     from dflash_gptoss.export_check import ExportCheckError
     from dflash_gptoss.export_draft import NonFiniteWeightsError
-    from dflash_gptoss.job_lock import LockHeldError
-    from dflash_gptoss.preflight import write_failure_message
+    from dflash_gptoss.run_safety.job_lock import LockHeldError
+    from dflash_gptoss.run_safety.preflight import write_failure_message
 
     settings = DFlashTrainingSettings(
         cache_dir=args.cache_dir, teacher_snapshot_dir=args.teacher_snapshot_dir,
@@ -191,7 +191,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
         eval_temperature=args.eval_temperature, eval_top_k=args.eval_top_k,
         export_check_blocks=args.export_check_blocks)
-    from dflash_gptoss.stop_signals import StopRequested, report, stop_on_signals
+    from dflash_gptoss.run_safety.stop_signals import StopRequested, report, stop_on_signals
 
     with stop_on_signals() as stop_flag:  # from here on Ctrl-C / SIGTERM stop at a step boundary
         try:  # every input check happens while building (before compiling); ValueError = bad input here

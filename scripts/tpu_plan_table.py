@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dflash_gptoss.tpu_plan_cli import TABLE_HEADER, table_row  # noqa: E402
+from dflash_gptoss.planning.cli import TABLE_HEADER, table_row  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

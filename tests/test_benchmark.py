@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash_gptoss import bench_stats
+from dflash_gptoss.benchmark import stats as bench_stats
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -42,7 +42,7 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the target was loaded before the bad input was refused")
 
-    monkeypatch.setattr("dflash_gptoss.target.load_target", refuse)
+    monkeypatch.setattr("dflash_gptoss.teacher_torch.load_target", refuse)
 
 
 def _run_order(report: dict) -> list[tuple[int, int, str]]:
@@ -152,7 +152,8 @@ def test_position_limit_refused_before_model_work_and_exact_limit_runs(tiny_teac
             "--out-dir", str(tmp_path / "out")]
     two = _ids_file(tmp_path / "two.jsonl", [100, 2040])
     with monkeypatch.context() as mp:
-        mp.setattr("dflash_gptoss.target.load_target", lambda *a, **k: pytest.fail("target loaded before refusal"))
+        mp.setattr("dflash_gptoss.teacher_torch.load_target",
+                   lambda *a, **k: pytest.fail("target loaded before refusal"))
         assert dflash_benchmark.main([*argv, "--prompts-file", str(two), "--max-new-tokens", "10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: prompt 1 has 2040 tokens; with --max-new-tokens 10 the loops would feed "
@@ -210,10 +211,10 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys, no_model_loads):
 def test_measure_costs_times_the_real_forwards(tiny_teacher_dir):
     import torch
 
-    from dflash_gptoss.config import make_draft_config
-    from dflash_gptoss.decode_costs import measure_costs, modelled_speedup
+    from dflash_gptoss.benchmark.decode_costs import measure_costs, modelled_speedup
+    from dflash_gptoss.draft_config import make_draft_config
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-    from dflash_gptoss.target import load_target
+    from dflash_gptoss.teacher_torch import load_target
 
     target = load_target(tiny_teacher_dir)
     torch.manual_seed(0)
@@ -241,7 +242,8 @@ def test_decode_costs_script_refuses_before_building_and_runs_on_the_tiny_teache
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with monkeypatch.context() as mp:
-        mp.setattr("dflash_gptoss.target.load_target", lambda *a, **k: pytest.fail("target loaded before refusal"))
+        mp.setattr("dflash_gptoss.teacher_torch.load_target",
+                   lambda *a, **k: pytest.fail("target loaded before refusal"))
         code = script.main(["--target", str(tiny_teacher_dir), "--context-len", "2000", "--oracle-tokens", "64",
                             "--out-dir", str(tmp_path)])
         assert code == 2
@@ -339,9 +341,9 @@ def test_report_stems_are_taken_exclusively(tmp_path, monkeypatch):
     is refused naming the running holder or the earlier report; a killed run's reservation is taken over."""
     import subprocess
 
-    from dflash_gptoss.benchmark import prepare_outputs, write_report
-    from dflash_gptoss.preflight import OutputPathError
-    from dflash_gptoss.report_stem import release
+    from dflash_gptoss.benchmark.core import prepare_outputs, write_report
+    from dflash_gptoss.run_safety.preflight import OutputPathError
+    from dflash_gptoss.run_safety.report_stem import release
 
     class Frozen:  # two runs that start in the same second
         @staticmethod
@@ -350,7 +352,7 @@ def test_report_stems_are_taken_exclusively(tmp_path, monkeypatch):
 
             return dt.datetime(2026, 12, 4, 12, 0, 0, tzinfo=tz)
 
-    monkeypatch.setattr("dflash_gptoss.benchmark.datetime", Frozen)
+    monkeypatch.setattr("dflash_gptoss.benchmark.core.datetime", Frozen)
     _, first = prepare_outputs(tmp_path)
     _, second = prepare_outputs(tmp_path)
     assert (first.name, second.name) == ("bench_20261204_120000", "bench_20261204_120000_2")
@@ -377,8 +379,8 @@ def test_report_stems_are_taken_exclusively(tmp_path, monkeypatch):
 
 
 def test_a_report_whose_reservation_was_replaced_is_not_written(tmp_path):
-    from dflash_gptoss.benchmark import prepare_outputs, write_report
-    from dflash_gptoss.preflight import OutputPathError
+    from dflash_gptoss.benchmark.core import prepare_outputs, write_report
+    from dflash_gptoss.run_safety.preflight import OutputPathError
 
     _, stem = prepare_outputs(tmp_path, "r")
     (tmp_path / "r.json").write_text(json.dumps({"reserved_by": {"pid": 1, "host": "elsewhere", "token": "other"}}))
@@ -396,7 +398,7 @@ def test_the_trainer_summary_and_the_pipeline_report_have_one_writer(tmp_path, c
         import tpu_dflash_train_with_easydel_trainer as train_cli
     finally:
         sys.path.pop(0)
-    from dflash_gptoss.report_stem import release, reserve_writer
+    from dflash_gptoss.run_safety.report_stem import release, reserve_writer
 
     summary = tmp_path / "summary.json"
     summary.write_text("{}")  # a finished summary of an earlier run: replaced by the next run, not refused

@@ -32,7 +32,7 @@ import pytest
 from dflash_gptoss.bf16 import from_bf16_bits, to_bf16_bits
 from dflash_gptoss.cache_builder import CacheBuildError, build_teacher_cache, plan_teacher_cache, prepare_out_dir
 from dflash_gptoss.cache_format import META_FILE, PROGRESS_FILE, CacheFormatError, read_json, read_progress
-from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset, window_block_target_ids
 from dflash_gptoss.tiny_teacher import tiny_gptoss_config
 
@@ -335,14 +335,14 @@ def test_default_data_is_the_corpus_and_text_lines_are_tokenized(tmp_path: Path)
     goes through the snapshot's tokenizer.json; documents are joined with EOS."""
     from transformers import AutoTokenizer
 
-    from dflash_gptoss import corpus
+    from dflash_gptoss import data_corpus
     from dflash_gptoss.tiny_teacher import ensure_tiny_teacher
 
     snap = ensure_tiny_teacher(progress=False)
     tok = AutoTokenizer.from_pretrained(str(snap))
     settings = dict(ctx_len=32, block_size=8, num_context_features=2, num_blocks=4, batch_size=2)
     plan = plan_teacher_cache(snap, tmp_path / "c", **settings)
-    np.testing.assert_array_equal(plan.tokens, corpus.token_stream(tok, "train"))
+    np.testing.assert_array_equal(plan.tokens, data_corpus.token_stream(tok, "train"))
     assert plan.meta["data"]["source"] == "corpus:train"
     texts = ["def f(x):\n    return x + 1\n", "import os\n" * 20]
     data = tmp_path / "text.jsonl"

@@ -16,7 +16,7 @@ import pytest
 from dflash_gptoss.bf16 import to_bf16_bits
 from dflash_gptoss.cache_builder import plan_teacher_cache, prepare_out_dir
 from dflash_gptoss.cache_format import CacheFormatError, mark_complete
-from dflash_gptoss.config import make_draft_config
+from dflash_gptoss.draft_config import make_draft_config
 from dflash_gptoss.easydel_dflash_cache import (
     CacheMismatchError,
     DFlashCacheDataset,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DynamicCache
 
-from dflash_gptoss.config import make_draft_config, target_layer_ids
-from dflash_gptoss.corpus import heldout_prompts
+from dflash_gptoss.data_corpus import heldout_prompts
 from dflash_gptoss.decoding import DFlashDrafter, OracleDrafter, greedy_decode, speculative_decode
+from dflash_gptoss.draft_config import make_draft_config, target_layer_ids
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-from dflash_gptoss.target import TargetRunner, load_target
+from dflash_gptoss.teacher_torch import TargetRunner, load_target
 
 NUM_PROMPTS = 20
 PROMPT_TOKENS = 40

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
-from dflash_gptoss.config import make_draft_config
+from dflash_gptoss.draft_config import make_draft_config
 from dflash_gptoss.export_draft import ExportDirError, check_export_dir, export_nnx_draft
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
 from dflash_gptoss.tiny_teacher import tiny_gptoss_config
@@ -361,7 +361,7 @@ def test_a_damaged_draft_folder_is_exit_2_naming_the_file_before_the_target_load
     def refuse(*args, **kwargs):
         raise AssertionError("the target was loaded before the bad draft was refused")
 
-    monkeypatch.setattr("dflash_gptoss.target.load_target", refuse)
+    monkeypatch.setattr("dflash_gptoss.teacher_torch.load_target", refuse)
     draft = _tiny_draft()
     folder = tmp_path / "draft"
     draft.save_pretrained(folder)

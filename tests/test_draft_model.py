@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import GptOssConfig, Qwen3Config
 
-from dflash_gptoss.config import GPT_OSS_MASK_TOKEN_ID, make_draft_config, target_layer_ids
 from dflash_gptoss.decoding import DFlashDrafter
+from dflash_gptoss.draft_config import GPT_OSS_MASK_TOKEN_ID, make_draft_config, target_layer_ids
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
-from dflash_gptoss.target import load_target
+from dflash_gptoss.teacher_torch import load_target
 from dflash_gptoss.tiny_teacher import tiny_gptoss_config
 
 
@@ -153,7 +153,7 @@ def test_incremental_draft_cache_equals_full_recompute(tiny_teacher_dir):
 
 
 def test_default_mask_token_rule(tiny_teacher_dir, tmp_path):
-    from dflash_gptoss.config import default_mask_token_id
+    from dflash_gptoss.draft_config import default_mask_token_id
 
     assert default_mask_token_id(201088) == GPT_OSS_MASK_TOKEN_ID  # gpt-oss: the reserved id, no tokenizer needed
     assert default_mask_token_id(4096, tiny_teacher_dir) == 1  # the tiny teacher's <|mask|>

@@ -34,11 +34,11 @@ import pytest
 
 from dflash_gptoss.cache_builder import CacheBuildError, open_out_dir, plan_teacher_cache, run_plan
 from dflash_gptoss.cache_format import META_FILE, CacheFormatError, InsufficientSpaceError, read_json
-from dflash_gptoss.checkpoints import CheckpointError, checkpoint_to_resume
-from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
-from dflash_gptoss.integrity import MANIFEST_NAME, write_manifest
-from dflash_gptoss.job_lock import LOCK_NAME, read_holder
+from dflash_gptoss.run_safety.integrity import MANIFEST_NAME, write_manifest
+from dflash_gptoss.run_safety.job_lock import LOCK_NAME, read_holder
+from dflash_gptoss.train_checkpoints import CheckpointError, checkpoint_to_resume
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CLI = REPO / "scripts" / "tpu_dflash_train_with_easydel_trainer.py"
@@ -185,7 +185,7 @@ def test_two_trainers_on_one_run_folder_exactly_one_runs(cache, tiny_teacher_dir
     assert second.returncode == 2, second.stderr[-3000:]
     line = _error_line(second.stderr)
     assert f"is in use by pid {first.pid} on host" in line and "draft training" in line, line
-    from dflash_gptoss.checkpoints import checkpoints, verify_checkpoint
+    from dflash_gptoss.train_checkpoints import checkpoints, verify_checkpoint
 
     assert [p.name for p in checkpoints(save / "m")] == ["run-1", "run-2"]
     for p in checkpoints(save / "m"):
@@ -194,7 +194,8 @@ def test_two_trainers_on_one_run_folder_exactly_one_runs(cache, tiny_teacher_dir
 
 def test_a_live_holder_refuses_a_cache_build_and_its_stale_lock_is_taken_over(tiny_teacher_dir, tmp_path) -> None:
     out = tmp_path / "cache"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dflash_gptoss.job_lock import acquire; "
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from dflash_gptoss.run_safety.job_lock import acquire; "
                                f"acquire({str(out)!r}, 'holder'); print('held', flush=True); time.sleep(600)"],
                               env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -265,8 +266,8 @@ def test_a_disk_that_fills_during_the_build_is_one_error_and_a_resumable_cache(
 
 
 def test_a_disk_full_checkpoint_save_keeps_the_previous_one(cache, tiny_teacher_dir, tmp_path, monkeypatch) -> None:
-    from dflash_gptoss.checkpoints import checkpoints, verify_checkpoint
     from dflash_gptoss.easydel_dflash_trainer import CheckpointWriteError, run_training
+    from dflash_gptoss.train_checkpoints import checkpoints, verify_checkpoint
 
     with small_fs(tmp_path / "fs", "2200k") as mounted:  # one checkpoint of this draft is ~1.3 MB
         save = tmp_path / "fs"
@@ -414,7 +415,7 @@ def test_resume_rules(trained, cache, tiny_teacher_dir, tmp_path) -> None:
 
 def test_output_paths_are_checked_before_training(cache, tiny_teacher_dir, tmp_path) -> None:
     from dflash_gptoss.easydel_dflash_trainer import build_trainer
-    from dflash_gptoss.preflight import OutputPathError
+    from dflash_gptoss.run_safety.preflight import OutputPathError
 
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(OutputPathError, match="export folder .*a_file. is a file, not a folder"):
@@ -433,13 +434,13 @@ def test_output_paths_are_checked_before_training(cache, tiny_teacher_dir, tmp_p
 
 def test_teacher_data_out_that_is_a_directory_fails_before_generating(tiny_teacher_dir, tmp_path,
                                                                        monkeypatch) -> None:
-    import dflash_gptoss.target
-    from dflash_gptoss.teacher_data import TeacherDataError, generate_teacher_data
+    import dflash_gptoss.teacher_torch
+    from dflash_gptoss.data_generation import TeacherDataError, generate_teacher_data
 
     def load_target(*args: object, **kwargs: object) -> None:
         raise AssertionError("the teacher was loaded before the output path was checked")
 
-    monkeypatch.setattr(dflash_gptoss.target, "load_target", load_target)
+    monkeypatch.setattr(dflash_gptoss.teacher_torch, "load_target", load_target)
     with pytest.raises(TeacherDataError, match="--out .* is a directory; give the path of a file"):
         generate_teacher_data(tiny_teacher_dir, tmp_path, [[1, 2, 3]] * 4, max_new_tokens=64, progress=False)
 
@@ -624,7 +625,7 @@ def test_a_signal_stops_the_trainer_cleanly_and_resume_gives_the_same_export(sig
     makes (within the resume tolerance of test_trainer: float32 reduction order across a restart)."""
     from safetensors.numpy import load_file
 
-    from dflash_gptoss.checkpoints import verify_checkpoint
+    from dflash_gptoss.train_checkpoints import verify_checkpoint
 
     save, export = tmp_path / "ckpt", tmp_path / "draft"
     cmd = [*_train_cli(cache, tiny_teacher_dir, save, "--export-dir", str(export)), "--max-training-steps", "8"]
@@ -688,7 +689,7 @@ def test_a_full_disk_during_the_export_names_the_file_and_leaves_nothing(tiny_te
     import torch
     from transformers import AutoConfig
 
-    from dflash_gptoss.config import make_draft_config
+    from dflash_gptoss.draft_config import make_draft_config
     from dflash_gptoss.export_draft import _flat_params, export_nnx_draft, load_nnx_draft_from_torch_folder
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
 
@@ -723,7 +724,7 @@ def test_a_full_disk_during_data_generation_is_one_line_and_resumes(tiny_teacher
         args = ["--model-snapshot-dir", str(tiny_teacher_dir), "--out", str(out), "--num-samples", "32",
                 "--prompt-tokens", "32", "--max-new-tokens", "64", "--batch-size", "8"]
         if not mounted:
-            import dflash_gptoss.teacher_data as td
+            import dflash_gptoss.data_generation as td
 
             real, calls = td.continuations, []
 
@@ -779,8 +780,8 @@ def test_a_signal_stops_data_generation_cleanly_and_resume_completes_it(tiny_tea
 
 
 def test_a_full_disk_under_the_benchmark_report_leaves_nothing_half_written(tmp_path, monkeypatch) -> None:
-    from dflash_gptoss.benchmark import prepare_outputs, write_report
-    from dflash_gptoss.report_stem import still_ours
+    from dflash_gptoss.benchmark.core import prepare_outputs, write_report
+    from dflash_gptoss.run_safety.report_stem import still_ours
 
     report = {"settings": {"block_size": 2}, "acceptance_hist": {"1": 3}, "teacher": "t", "draft": "d",
               "device": "cpu", "dtype": "float32", "acceptance_mean": 1.0, "noisy": False, "speedup": 1.0,
@@ -791,7 +792,7 @@ def test_a_full_disk_under_the_benchmark_report_leaves_nothing_half_written(tmp_
             def full(*args, **kwargs):
                 raise _enospc()
 
-            monkeypatch.setattr("dflash_gptoss.benchmark.plot_acceptance", full)
+            monkeypatch.setattr("dflash_gptoss.benchmark.core.plot_acceptance", full)
         with pytest.raises(OSError) as info:
             write_report(report, out, stem=stem)
         assert info.value.errno == errno.ENOSPC and str(tmp_path / "fs") in info.value.filename

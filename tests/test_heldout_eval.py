@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash_gptoss.config import target_layer_ids
-from dflash_gptoss.heldout_eval import (
+from dflash_gptoss.draft_config import target_layer_ids
+from dflash_gptoss.train_heldout_eval import (
     EvalBlock,
     EvalCacheError,
     EvalSet,
@@ -45,8 +45,8 @@ def caches(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from transformers import AutoTokenizer
 
     from dflash_gptoss.cache_builder import build_teacher_cache
-    from dflash_gptoss.corpus import split_prompts
-    from dflash_gptoss.teacher_data import generate_teacher_data
+    from dflash_gptoss.data_corpus import split_prompts
+    from dflash_gptoss.data_generation import generate_teacher_data
     from dflash_gptoss.teacher_jax import JaxTeacher
 
     root = tmp_path_factory.mktemp("caches")
@@ -130,8 +130,8 @@ def test_teacher_top_probs_are_the_softmax_of_its_logits(caches, tiny_teacher_di
     error of about ``|l / T| * eps32`` (logits here reach ~30, so ~40 * 1.2e-7 = 5e-6), which becomes
     the same relative error of the probability: rtol 1e-5 is that with a 2x margin."""
     from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
-    from dflash_gptoss.heldout_eval import teacher_top_k
     from dflash_gptoss.teacher_jax import JaxTeacher
+    from dflash_gptoss.train_heldout_eval import teacher_top_k
 
     ds = DFlashCacheDataset(caches["eval"], process_index=0, process_count=1)
     teacher = JaxTeacher(tiny_teacher_dir, target_layer_ids(6, K), dp=2, tp=4)
@@ -149,8 +149,8 @@ def test_teacher_top_probs_are_the_softmax_of_its_logits(caches, tiny_teacher_di
 
 def test_eval_history_keep_best_and_the_export_check(run, caches) -> None:
     from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
-    from dflash_gptoss.heldout_eval import build_eval_set
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
+    from dflash_gptoss.train_heldout_eval import build_eval_set
 
     summary, root = run
     hist = summary["eval_history"]
@@ -247,7 +247,7 @@ def test_bad_eval_inputs_are_refused_before_training(caches, tiny_teacher_dir, t
     with pytest.raises(EvalCacheError, match=r"is the training cache .* its figures would not be held out"):
         build_trainer(_settings(caches, tiny_teacher_dir, tmp_path, eval_cache_dir=str(caches["train"])))
     from dflash_gptoss.cache_format import write_json_atomic
-    from dflash_gptoss.integrity import write_manifest
+    from dflash_gptoss.run_safety.integrity import write_manifest
 
     shutil.copytree(caches["train"], tmp_path / "relabelled")
     relabelled = dict(read_meta(tmp_path / "relabelled"), seed=7)
@@ -282,7 +282,7 @@ def test_the_export_check_fails_on_non_finite_torch_outputs(run, caches, tiny_te
 
     from dflash_gptoss.easydel_dflash_cache import DFlashCacheDataset
     from dflash_gptoss.export_check import ExportCheckError, torch_correct
-    from dflash_gptoss.heldout_eval import build_eval_set
+    from dflash_gptoss.train_heldout_eval import build_eval_set
 
     _, root = run
     broken = tmp_path / "draft"

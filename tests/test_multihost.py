@@ -106,7 +106,7 @@ def _distributed_flags(port: int, pid: int) -> list[str]:
 def ref(tiny_teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One-process (8 devices) builds of both layouts on the same dp x tp mesh: the references."""
     from dflash_gptoss.cache_builder import build_teacher_cache
-    from dflash_gptoss.config import target_layer_ids
+    from dflash_gptoss.draft_config import target_layer_ids
     from dflash_gptoss.teacher_jax import JaxTeacher
 
     root = tmp_path_factory.mktemp("ref")
@@ -301,7 +301,7 @@ def _worker(argv: list[str]) -> None:
     assert mode == "build"
     initialize_distributed(coordinator, 2, int(pid))
     from dflash_gptoss.cache_builder import build_teacher_cache
-    from dflash_gptoss.config import target_layer_ids
+    from dflash_gptoss.draft_config import target_layer_ids
     from dflash_gptoss.teacher_jax import JaxTeacher
 
     teacher = JaxTeacher(snapshot, target_layer_ids(6, K), dp=DP, tp=TP)

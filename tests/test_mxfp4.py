@@ -24,7 +24,7 @@ T = 48
 def mxfp4_snapshot(tmp_path_factory) -> Path:
     from transformers import GptOssForCausalLM
 
-    from dflash_gptoss.mxfp4 import write_mxfp4_snapshot
+    from dflash_gptoss.teacher_mxfp4 import write_mxfp4_snapshot
     from dflash_gptoss.tiny_teacher import tiny_gptoss_config
 
     root = tmp_path_factory.mktemp("mxfp4")
@@ -45,7 +45,7 @@ def _expert_keys(path: Path):
 
 
 def test_layout_matches_gpt_oss_20b(mxfp4_snapshot):
-    from dflash_gptoss.mxfp4 import QUANTIZATION_CONFIG
+    from dflash_gptoss.teacher_mxfp4 import QUANTIZATION_CONFIG
 
     cfg = json.loads((mxfp4_snapshot / "config.json").read_text())
     assert cfg["quantization_config"] == QUANTIZATION_CONFIG
@@ -66,7 +66,7 @@ def test_layout_matches_gpt_oss_20b(mxfp4_snapshot):
 def test_dequantize_equals_transformers(mxfp4_snapshot):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from dflash_gptoss.mxfp4 import dequantize_mxfp4
+    from dflash_gptoss.teacher_mxfp4 import dequantize_mxfp4
 
     t = _expert_keys(mxfp4_snapshot)
     for proj in ("gate_up_proj", "down_proj"):
@@ -79,7 +79,7 @@ def test_dequantize_equals_transformers(mxfp4_snapshot):
 
 
 def test_quantize_roundtrip_is_close():
-    from dflash_gptoss.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+    from dflash_gptoss.teacher_mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
     w = np.random.default_rng(0).normal(size=(2, 64, 48)).astype(np.float32)
     back = dequantize_mxfp4(*quantize_mxfp4(w))

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 from safetensors import safe_open
 
-from dflash_gptoss.config import make_draft_config
+from dflash_gptoss.draft_config import make_draft_config
 from dflash_gptoss.easydel_dflash_draft_model import (
     COLUMN,
     ROW,

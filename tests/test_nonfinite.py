@@ -32,7 +32,7 @@ def _random_draft(tiny_teacher_dir: Path, out: Path, nan: bool) -> Path:
     import torch
     from transformers import AutoConfig
 
-    from dflash_gptoss.config import make_draft_config
+    from dflash_gptoss.draft_config import make_draft_config
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
 
     torch.manual_seed(0)

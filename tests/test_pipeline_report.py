@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dflash_gptoss.pipeline_report import summary_table, write_pipeline_report
+from dflash_gptoss.benchmark.pipeline_report import summary_table, write_pipeline_report
 
 
 def test_report_joins_benchmark_training_and_timings(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_report_joins_benchmark_training_and_timings(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "old_pipeline.json").exists()
 
     # The report's stem is taken exclusively: a second report under the same name is refused, the first kept.
-    from dflash_gptoss.preflight import OutputPathError
+    from dflash_gptoss.run_safety.preflight import OutputPathError
 
     before = paths[0].read_text()
     with pytest.raises(OutputPathError, match=r"--name run_pipeline: .*run_pipeline\.json already holds an earlier"):

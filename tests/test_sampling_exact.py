@@ -29,7 +29,6 @@ from collections import defaultdict
 import pytest
 import torch
 
-from dflash_gptoss.config import make_draft_config, target_layer_ids
 from dflash_gptoss.decoding import (
     SPECULATIVE_SAMPLING,
     DFlashDrafter,
@@ -39,8 +38,9 @@ from dflash_gptoss.decoding import (
     residual_distribution,
     token_distribution,
 )
+from dflash_gptoss.draft_config import make_draft_config, target_layer_ids
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-from dflash_gptoss.target import TargetRunner, new_target_cache
+from dflash_gptoss.teacher_torch import TargetRunner, new_target_cache
 from dflash_gptoss.tiny_teacher import tiny_gptoss_config
 
 VOCAB = 8

@@ -56,8 +56,7 @@ def _continuations(snapshot: str, loop: str, seeds: list[int]) -> list[tuple[int
     """Worker: ``(y2, y3)`` of one loop for each seed (runs in a fresh process)."""
     import torch
 
-    from dflash_gptoss.config import default_mask_token_id, make_draft_config, target_layer_ids
-    from dflash_gptoss.corpus import heldout_prompts
+    from dflash_gptoss.data_corpus import heldout_prompts
     from dflash_gptoss.decoding import (
         SPECULATIVE_SAMPLING,
         DFlashDrafter,
@@ -68,8 +67,9 @@ def _continuations(snapshot: str, loop: str, seeds: list[int]) -> list[tuple[int
         residual_distribution,
         speculative_decode,
     )
+    from dflash_gptoss.draft_config import default_mask_token_id, make_draft_config, target_layer_ids
     from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-    from dflash_gptoss.target import TargetRunner, load_target
+    from dflash_gptoss.teacher_torch import TargetRunner, load_target
 
     torch.set_num_threads(1)
     from transformers import AutoTokenizer

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dflash_gptoss.sharded_ce import chunked_sharded_cross_entropy, dense_cross_entropy
+from dflash_gptoss.train_sharded_ce import chunked_sharded_cross_entropy, dense_cross_entropy
 
 N, H, V, CHUNK = 64, 32, 1000, 64  # 250 vocab rows per tp shard: 3 full chunks + a partial one
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dflash_gptoss.snapshot import SnapshotError, expected_tensors, read_config, validate_snapshot
+from dflash_gptoss.teacher_snapshot import SnapshotError, expected_tensors, read_config, validate_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -65,7 +65,7 @@ def _scripts_refuse(snapshot: Path, tmp_path: Path, capsys, message: str) -> Non
 
 
 def test_the_tiny_teacher_and_its_mxfp4_copy_pass(tiny_teacher_dir, tmp_path):
-    from dflash_gptoss.mxfp4 import write_mxfp4_snapshot
+    from dflash_gptoss.teacher_mxfp4 import write_mxfp4_snapshot
 
     assert validate_snapshot(tiny_teacher_dir)["model_type"] == "gpt_oss"
     mxfp4 = write_mxfp4_snapshot(tiny_teacher_dir, tmp_path / "mxfp4")
@@ -80,7 +80,7 @@ def test_the_tensors_expected_are_transformers_own_parameters_at_gpt_oss_20b_siz
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    cfg = read_config(REPO / "dflash_gptoss" / "presets" / "gpt-oss-20b")
+    cfg = read_config(REPO / "dflash_gptoss" / "planning" / "presets" / "gpt-oss-20b")
     hf = GptOssConfig(**{k: v for k, v in cfg.items() if k != "quantization_config"})
     with torch.device("meta"):
         state = {name: tuple(p.shape) for name, p in GptOssForCausalLM(hf).state_dict().items()}

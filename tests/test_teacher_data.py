@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from dflash_gptoss.teacher_data import TeacherDataError, _fingerprint, generate_teacher_data
+from dflash_gptoss.data_generation import TeacherDataError, _fingerprint, generate_teacher_data
 
 
 @pytest.fixture(scope="module")
 def prompts(tiny_teacher_dir):
     from transformers import AutoTokenizer
 
-    from dflash_gptoss.corpus import split_prompts
+    from dflash_gptoss.data_corpus import split_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     same = split_prompts(tok, "train", 4, 24, seed=3)
@@ -28,7 +28,7 @@ def _lines(path) -> list[dict]:
 def test_samples_are_prompt_plus_the_greedy_loop_output(tiny_teacher_dir, prompts, tmp_path):
     """Every sample equals what the benchmark's explicit greedy loop produces (exact tokens, float32)."""
     from dflash_gptoss.decoding import greedy_decode
-    from dflash_gptoss.target import TargetRunner, load_target
+    from dflash_gptoss.teacher_torch import TargetRunner, load_target
 
     out = tmp_path / "data.jsonl"
     generate_teacher_data(tiny_teacher_dir, out, prompts, max_new_tokens=40, batch_size=6, progress=False)

@@ -206,7 +206,7 @@ def _max_diff(small: dict, fixes: frozenset[str]) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
-    from dflash_gptoss.easydel_gptoss_fixes import decoder_forward, load_easydel_gptoss
+    from dflash_gptoss.teacher_easydel_fixes import decoder_forward, load_easydel_gptoss
 
     model = load_easydel_gptoss(small["snapshot"], dp=2, tp=4, dtype="float32", fixes=fixes)
     graphdef, state = nnx.split(model)
@@ -223,7 +223,7 @@ def _max_diff(small: dict, fixes: frozenset[str]) -> float:
 
 @pytest.fixture(scope="module")
 def fixed_diff(small) -> float:
-    from dflash_gptoss.easydel_gptoss_fixes import ALL_FIXES
+    from dflash_gptoss.teacher_easydel_fixes import ALL_FIXES
 
     return _max_diff(small, ALL_FIXES)
 
@@ -231,7 +231,7 @@ def fixed_diff(small) -> float:
 @pytest.mark.parametrize("fix", ["attn_dtype", "moe_dtype", "sliding_window", "rope", "routing"])
 def test_each_correction_is_needed(small, fixed_diff, fix):
     """Dropping one correction (stock easydel on that point) moves the layers far from transformers."""
-    from dflash_gptoss.easydel_gptoss_fixes import ALL_FIXES
+    from dflash_gptoss.teacher_easydel_fixes import ALL_FIXES
 
     stock_diff = _max_diff(small, ALL_FIXES - {fix})
     print(f"without {fix}: max diff {stock_diff:.2e}; with all corrections: {fixed_diff:.2e}")
@@ -261,7 +261,7 @@ def test_rope_table_stock_vs_fixed(snapshot):
     import jax.numpy as jnp
     from easydel.modules.gpt_oss import GptOssConfig as EdConfig
 
-    from dflash_gptoss import easydel_gptoss_fixes as fx
+    from dflash_gptoss import teacher_easydel_fixes as fx
 
     fx.install_patches()
     cfg = EdConfig.from_pretrained(str(snapshot))
@@ -282,8 +282,8 @@ def test_float32_parity_on_the_trained_tiny_teacher(tiny_teacher_dir):
     """The embedded default itself, on held-out stdlib text: features, logits and labels agree."""
     from transformers import AutoTokenizer
 
-    from dflash_gptoss.config import target_layer_ids
-    from dflash_gptoss.corpus import heldout_prompts
+    from dflash_gptoss.data_corpus import heldout_prompts
+    from dflash_gptoss.draft_config import target_layer_ids
     from dflash_gptoss.teacher_jax import JaxTeacher
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dflash_gptoss import corpus
+from dflash_gptoss import data_corpus
 from dflash_gptoss.tiny_teacher import (
     EOS_TOKEN,
     MASK_TOKEN,
@@ -36,25 +36,25 @@ def tokenizer(snapshot: Path):
 
 
 def test_split_is_disjoint_deterministic_and_nonempty() -> None:
-    train, heldout = corpus.stdlib_files("train"), corpus.stdlib_files("heldout")
+    train, heldout = data_corpus.stdlib_files("train"), data_corpus.stdlib_files("heldout")
     assert heldout and len(train) > 5 * len(heldout)
     assert not set(train) & set(heldout)
-    assert corpus.stdlib_files("heldout") == heldout
-    root = corpus.stdlib_root()
+    assert data_corpus.stdlib_files("heldout") == heldout
+    root = data_corpus.stdlib_root()
     rel = [p.relative_to(root).as_posix() for p in heldout]
     assert rel == sorted(rel)
-    assert all(corpus.is_heldout(r) for r in rel)
+    assert all(data_corpus.is_heldout(r) for r in rel)
     excluded = {"site-packages", "test", "tests", "idlelib"}
     assert not any(excluded & set(Path(r).parts[:-1]) for r in rel)
 
 
 def test_unknown_split_is_rejected() -> None:
     with pytest.raises(ValueError, match="split"):
-        corpus.stdlib_files("validation")
+        data_corpus.stdlib_files("validation")
 
 
 def test_tokenizer_round_trips_heldout_text(tokenizer) -> None:
-    for text in corpus.read_texts("heldout")[:20]:
+    for text in data_corpus.read_texts("heldout")[:20]:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert tokenizer.decode(ids) == text
 
@@ -100,19 +100,19 @@ def test_heldout_loss_is_well_below_uniform(snapshot: Path) -> None:
 
 
 def test_heldout_prompts_are_exact_length_and_deterministic(tokenizer) -> None:
-    prompts = corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=3)
+    prompts = data_corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=3)
     assert len(prompts) == 8 and all(len(p) == 64 for p in prompts)
-    assert prompts == corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=3)
-    assert prompts != corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=4)
+    assert prompts == data_corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=3)
+    assert prompts != data_corpus.heldout_prompts(tokenizer, num_prompts=8, prompt_tokens=64, seed=4)
 
 
 def test_token_stream_joins_files_with_eos(tokenizer) -> None:
-    stream = corpus.token_stream(tokenizer, "heldout")
+    stream = data_corpus.token_stream(tokenizer, "heldout")
     assert stream.dtype.name == "int32"
-    assert int((stream == tokenizer.eos_token_id).sum()) == len(corpus.stdlib_files("heldout"))
+    assert int((stream == tokenizer.eos_token_id).sum()) == len(data_corpus.stdlib_files("heldout"))
     assert stream[-1] == tokenizer.eos_token_id
 
 
 def test_tokenizer_training_is_deterministic() -> None:
-    texts = corpus.read_texts("heldout")[:10]
+    texts = data_corpus.read_texts("heldout")[:10]
     assert train_tokenizer(512, texts).to_str() == train_tokenizer(512, texts).to_str()

@@ -142,7 +142,7 @@ def test_cache_plan_compiles_the_builders_forward(cache_plan) -> None:
     assert p["matmul_passes"] == 6 and np.isclose(
         p["estimated_seconds"], 8 * 6 * p["flops_per_step_per_chip"] / (p["mfu"] * p["peak_flops_per_chip"]))
     # the README's table recomputes the hours from the JSON with the same rule (also for plans without the field)
-    from dflash_gptoss.tpu_plan_cli import estimated_hours
+    from dflash_gptoss.planning.cli import estimated_hours
 
     old_plan = {k: v for k, v in p.items() if k != "matmul_passes"}
     assert np.isclose(estimated_hours(p), p["estimated_seconds"] / 3600)
@@ -227,8 +227,8 @@ def test_teacher_shardings_are_the_real_loads(real_teacher, tiny_teacher_dir: Pa
     """The planner's abstract teacher state on the same (CPU) mesh: same parameters, shapes, specs."""
     from flax import nnx
 
-    from dflash_gptoss.easydel_gptoss_fixes import lazy_easydel_gptoss
-    from dflash_gptoss.tpu_plan import teacher_state_shardings, with_shardings
+    from dflash_gptoss.planning.tpu_plan import teacher_state_shardings, with_shardings
+    from dflash_gptoss.teacher_easydel_fixes import lazy_easydel_gptoss
 
     lazy = lazy_easydel_gptoss(tiny_teacher_dir, dp=DP, tp=TP, dtype="float32", mesh=real_teacher.mesh)
     _, state, _ = nnx.split(lazy, nnx.Param, ...)
@@ -247,7 +247,7 @@ def test_draft_state_shardings_are_a_real_trainers(real_teacher, tiny_teacher_di
     from dflash_gptoss.cache_builder import build_teacher_cache
     from dflash_gptoss.easydel_dflash_draft_model import lazy_draft_model
     from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings, build_trainer, training_arguments
-    from dflash_gptoss.tpu_plan import easydel_state_shardings, with_shardings
+    from dflash_gptoss.planning.tpu_plan import easydel_state_shardings, with_shardings
 
     build_teacher_cache(tiny_teacher_dir, tmp_path / "cache", teacher=real_teacher, progress=False, ctx_len=32,
                         block_size=B, num_context_features=K, num_blocks=16, batch_size=16, layout="windows",
@@ -274,7 +274,7 @@ KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 l
 
 
 def test_topology_table_matches_libtpu() -> None:
-    from dflash_gptoss.tpu_topologies import TOPOLOGIES, find_topology, topology_description
+    from dflash_gptoss.planning.topologies import TOPOLOGIES, find_topology, topology_description
 
     for t in TOPOLOGIES:
         devices = topology_description(t).devices
@@ -285,7 +285,7 @@ def test_topology_table_matches_libtpu() -> None:
 
 
 def test_presets_are_the_published_configs() -> None:
-    from dflash_gptoss.model_presets import PRESETS, preset_dir, resolve_config_dir
+    from dflash_gptoss.planning.model_presets import PRESETS, preset_dir, resolve_config_dir
 
     def params(c: dict) -> int:  # every tensor of the checkpoint, dequantized
         h, v, i, e = c["hidden_size"], c["vocab_size"], c["intermediate_size"], c["num_local_experts"]
@@ -308,8 +308,8 @@ def test_presets_are_the_published_configs() -> None:
 
 def test_auto_batch_finds_the_largest_fitting_multiple_of_dp() -> None:
     """The search alone: a batch fits iff <= the limit; every try is logged, each batch compiled once."""
-    from dflash_gptoss.tpu_plan import StepPlan
-    from dflash_gptoss.tpu_plan_cli import largest_fitting_batch
+    from dflash_gptoss.planning.cli import largest_fitting_batch
+    from dflash_gptoss.planning.tpu_plan import StepPlan
 
     def plan_at(limit: int):
         calls: list[int] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dflash_gptoss.config import target_layer_ids
+from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,8 +244,8 @@ def test_gradient_accumulation_equals_one_big_batch(caches, tiny_teacher_dir, tm
 
 def test_anchor_sampling_and_loss_weights() -> None:
     from dflash_gptoss.easydel_dflash_cache import response_anchor_mask
+    from dflash_gptoss.train_batches import anchor_positions_for_step
     from dflash_gptoss.train_step import expected_accept_length, slot_weights
-    from dflash_gptoss.training_data import anchor_positions_for_step
 
     a, w = anchor_positions_for_step(CTX, B, 8, rows=5, seed=3, step=7)
     assert a.shape == (5, 8) and a.min() >= 1 and a.max() <= CTX - B + 1 and (w == 1).all()

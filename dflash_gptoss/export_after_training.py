@@ -34,7 +34,7 @@ def _params(graphstate: Any) -> dict[tuple[str, ...], Any]:
 def _check_blocks(trainer: Any, max_blocks: int) -> tuple[Any, Any, str]:
     """(eval set, its cache, a word for where the blocks come from) for the export check: the first
     ``max_blocks`` blocks of the held-out set, else of the first training windows."""
-    from dflash_gptoss.heldout_eval import EvalSet, build_eval_set
+    from dflash_gptoss.train_heldout_eval import EvalSet, build_eval_set
 
     if trainer.eval_set is not None:
         es, cache, source = trainer.eval_set, trainer.eval_cache, "held-out"

@@ -19,7 +19,7 @@ import numpy as np
 from dflash_gptoss.cache_format import trainable_blocks
 
 DEFAULT_DATA = "corpus:train"
-"""``data=None`` means the tiny teacher's training corpus (``corpus.token_stream(tok, "train")``)."""
+"""``data=None`` means the tiny teacher's training corpus (``data_corpus.token_stream(tok, "train")``)."""
 
 
 class CacheBuildError(ValueError):
@@ -48,7 +48,7 @@ def _load_tokenizer(snapshot_dir: Path) -> Any:
         )
     from transformers import AutoTokenizer
 
-    from dflash_gptoss.snapshot import SnapshotError, check_tokenizer
+    from dflash_gptoss.teacher_snapshot import SnapshotError, check_tokenizer
 
     try:
         check_tokenizer(snapshot_dir)  # a damaged tokenizer.json is named, with the line and column
@@ -116,9 +116,9 @@ def load_token_stream(
     context, never anchors or labels. The default corpus is all response.
     """
     if data is None or str(data) == DEFAULT_DATA:
-        from dflash_gptoss import corpus
+        from dflash_gptoss import data_corpus
 
-        tokens = corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
+        tokens = data_corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
         response = np.ones(tokens.size, dtype=np.uint8)
     else:
         docs = _read_jsonl_docs(Path(data))

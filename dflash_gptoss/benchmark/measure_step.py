@@ -1,6 +1,6 @@
 """Run one command and report its wall time and peak resident memory (for benchmark scripts).
 
-``python -m dflash_gptoss.measure_step --name cache --log steps.jsonl -- python scripts/...`` runs
+``python -m dflash_gptoss.benchmark.measure_step --name cache --log steps.jsonl -- python scripts/...`` runs
 the command, passes its exit code through, prints ``[measure] cache: 123.4 s wall, peak RSS 5.67 GB``
 and appends the same as one JSON line to ``--log``. Peak RSS is the kernel's ``ru_maxrss`` of the
 child processes (the largest one, not a sum), so it reads the same on any Linux machine without

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dflash_gptoss.integrity import IntegrityError, verify_manifest
+from dflash_gptoss.run_safety.integrity import IntegrityError, verify_manifest
 
 RUN_FILE = "dflash_run.json"
 CHECKPOINT_KIND = "draft-checkpoint"

@@ -143,7 +143,7 @@ def build_eval_set(ds: Any, *, block_size: int, anchors_per_item: int, rows_per_
     """Every trainable anchor of the cache's windows (or its first ``max_rows``), ``anchors_per_item`` anchors
     to a batch item (a window's features with some of its anchors), ``rows_per_batch`` items to a batch."""
     from dflash_gptoss.easydel_dflash_cache import window_block_target_ids
-    from dflash_gptoss.training_data import host_batch
+    from dflash_gptoss.train_batches import host_batch
 
     n, g, a = min(ds.num_items, max_rows or ds.num_items), int(rows_per_batch), int(anchors_per_item)
     if ds.layout == "blocks":  # one block per window, at ctx_len: each is one walk step

@@ -6,7 +6,7 @@ compared token by token with the baseline's, on every repeat; a mismatch is
 counted and reported, never hidden (in bf16 on a GPU, near-ties can flip an
 argmax between the one-token steps and the block verify).
 
-Figures that hold on a shared machine (``bench_stats`` has the definitions):
+Figures that hold on a shared machine (``benchmark/stats`` has the definitions):
 
 * the two loops run interleaved: ``R`` passes over the prompts, and within a pass
   each prompt runs baseline then DFlash back to back, so both loops of a prompt
@@ -17,7 +17,7 @@ Figures that hold on a shared machine (``bench_stats`` has the definitions):
   same way, is left out), reported with the median and IQR of the per-prompt
   ratios, so one fast or slow prompt cannot carry the figure;
 * ``noisy`` is set when the repeats of any prompt disagree by more than 10%;
-* the per-step costs (``decode_costs``) are sampled after every pass, so they
+* the per-step costs (``benchmark/decode_costs``) are sampled after every pass, so they
   see the load the loops saw, and ``loop_efficiency`` says how much of what the
   acceptance allows the loop delivers;
 * on CPU, the process's CPU time of every call is kept beside the wall time: its
@@ -54,7 +54,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dflash_gptoss.bench_stats import (
+from dflash_gptoss.benchmark.decode_costs import measure_cost_samples, modelled_speedup, summarize_costs
+from dflash_gptoss.benchmark.stats import (
     NOISE_THRESHOLD,
     SPREAD_DEFINITION,
     is_noisy,
@@ -62,13 +63,6 @@ from dflash_gptoss.bench_stats import (
     ratio_summary,
     spread,
 )
-from dflash_gptoss.config import (
-    default_mask_token_id,
-    default_num_context_features,
-    make_draft_config,
-    target_layer_ids,
-)
-from dflash_gptoss.decode_costs import measure_cost_samples, modelled_speedup, summarize_costs
 from dflash_gptoss.decoding import (
     DecodeResult,
     DFlashDrafter,
@@ -78,10 +72,16 @@ from dflash_gptoss.decoding import (
     new_generator,
     speculative_decode,
 )
+from dflash_gptoss.draft_config import (
+    default_mask_token_id,
+    default_num_context_features,
+    make_draft_config,
+    target_layer_ids,
+)
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel, check_draft_matches_target
-from dflash_gptoss.preflight import OutputPathError, check_file_stem, check_output_dir, check_output_files
-from dflash_gptoss.report_stem import Stem, reserve, still_ours
-from dflash_gptoss.target import TargetRunner, new_target_cache
+from dflash_gptoss.run_safety.preflight import OutputPathError, check_file_stem, check_output_dir, check_output_files
+from dflash_gptoss.run_safety.report_stem import Stem, reserve, still_ours
+from dflash_gptoss.teacher_torch import TargetRunner, new_target_cache
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
 # disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, not yet measured here (no GPU
@@ -171,7 +171,7 @@ def call_seed(seed: int, prompt_index: int, loop: int) -> int:
 
 def check_draft_folder(draft: str) -> None:
     """A draft folder whose ``config.json`` parses and whose weights are all on disk, before any model loads."""
-    from dflash_gptoss.snapshot import SnapshotError, read_json_file, read_safetensors_header
+    from dflash_gptoss.teacher_snapshot import SnapshotError, read_json_file, read_safetensors_header
 
     folder = Path(draft).expanduser()
     if not folder.is_dir():
@@ -643,7 +643,7 @@ def prepare_outputs(out_dir: str | Path, stem: str | None = None) -> tuple[Path,
 
     The default stem ``bench_<UTC>`` takes the start time of the run (``_2``, ``_3``, ... when another run took
     it in the same second); an explicit stem that another run holds, or an earlier report has, is refused
-    (``report_stem``).
+    (``run_safety/report_stem``).
     """
     out = check_output_dir(out_dir, "--out-dir", create=True)
     explicit = stem is not None
@@ -743,8 +743,8 @@ def benchmark_snapshot(
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from dflash_gptoss.prompts import default_chat_prompts, load_prompts_file
-    from dflash_gptoss.target import check_gpt_oss_snapshot, load_target, resolve_device, resolve_dtype
+    from dflash_gptoss.benchmark.prompts import default_chat_prompts, load_prompts_file
+    from dflash_gptoss.teacher_torch import check_gpt_oss_snapshot, load_target, resolve_device, resolve_dtype
 
     settings.validate()
     if num_prompts <= 0:
@@ -763,7 +763,7 @@ def benchmark_snapshot(
     elif chat:
         prompts = default_chat_prompts(tokenizer, num_prompts)
     else:
-        from dflash_gptoss.corpus import heldout_prompts
+        from dflash_gptoss.data_corpus import heldout_prompts
 
         prompts = heldout_prompts(tokenizer, num_prompts, prompt_tokens, seed=settings.seed)
     check_positions([len(p) for p in prompts], settings.max_new_tokens,

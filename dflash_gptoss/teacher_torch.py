@@ -53,7 +53,7 @@ def check_gpt_oss_snapshot(snapshot_dir: str | Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; it is not a Hugging Face snapshot folder.")
-    from dflash_gptoss.snapshot import validate_snapshot
+    from dflash_gptoss.teacher_snapshot import validate_snapshot
 
     validate_snapshot(path)  # config.json, every tensor's header, tokenizer.json: the damaged file is named
     return path

@@ -1,7 +1,7 @@
 """gpt-oss-20b and gpt-oss-120b without their weights: their public ``config.json``, shipped here.
 
 The TPU planner needs a model's shapes, never its weights, so a folder holding only a
-``config.json`` is enough. These two folders (``dflash_gptoss/presets/<name>/config.json``)
+``config.json`` is enough. These two folders (``dflash_gptoss/planning/presets/<name>/config.json``)
 hold the values published with the models (https://huggingface.co/openai/gpt-oss-20b and
 https://huggingface.co/openai/gpt-oss-120b, ``config.json``), so a plan for the real teacher
 needs no download: pass the preset name where a snapshot folder is expected.

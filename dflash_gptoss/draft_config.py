@@ -10,7 +10,7 @@
 * ``GPT_OSS_MASK_TOKEN_ID``: the reserved gpt-oss token the published draft uses
   as MASK.
 
-transformers is imported lazily so ``import dflash_gptoss.config`` stays cheap.
+transformers is imported lazily so ``import dflash_gptoss.draft_config`` stays cheap.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dflash_gptoss import stop_signals
+from dflash_gptoss.run_safety import stop_signals
 
 __all__ = ["TeacherDataError", "continuations", "generate_teacher_data"]
 
@@ -108,13 +108,13 @@ def generate_teacher_data(snapshot_dir: str | os.PathLike, out_path: str | os.Pa
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from dflash_gptoss.target import check_gpt_oss_snapshot, load_target, resolve_device, resolve_dtype
+    from dflash_gptoss.teacher_torch import check_gpt_oss_snapshot, load_target, resolve_device, resolve_dtype
 
     if max_new_tokens < 1 or batch_size < 1:
         raise TeacherDataError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must be >= 1.")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TeacherDataError("need at least one prompt, and no empty prompt.")
-    from dflash_gptoss.preflight import OutputPathError, check_output_file
+    from dflash_gptoss.run_safety.preflight import OutputPathError, check_output_file
 
     try:
         out = check_output_file(out_path, "--out")  # before the teacher runs, not after

@@ -196,7 +196,7 @@ def _read_json(path: str | Path) -> dict[str, Any]:
 def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path, timings: dict[str, float],
                           out_dir: str | Path, stem: str) -> tuple[dict[str, Any], list[Path]]:
     """``<stem>_pipeline.json`` and ``<stem>_training.png`` in ``out_dir``; returns the summary and the paths."""
-    from dflash_gptoss.preflight import check_file_stem, check_output_dir
+    from dflash_gptoss.run_safety.preflight import check_file_stem, check_output_dir
 
     out = check_output_dir(out_dir, "--out-dir", create=True)
     check_file_stem(stem, "--name")
@@ -205,7 +205,7 @@ def write_pipeline_report(bench_json: str | Path, train_summary_json: str | Path
         summary = pipeline_summary(bench, train, timings)
     except ValueError as err:
         raise ValueError(f"{bench_json}: {err}") from None
-    from dflash_gptoss.report_stem import release, reserve
+    from dflash_gptoss.run_safety.report_stem import release, reserve
 
     held = reserve(out, f"{stem}_pipeline", unique=False, siblings=(f"{stem}_training.png",), flag="--name")
     try:

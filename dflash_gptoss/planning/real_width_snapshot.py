@@ -1,9 +1,9 @@
 """A random-weight GPT-OSS snapshot with gpt-oss-20b's exact widths, for rehearsing the real scripts on CPU.
 
-Everything that sizes a program is gpt-oss-20b's (``model_presets``): hidden 2880, vocabulary
+Everything that sizes a program is gpt-oss-20b's (``planning/model_presets``): hidden 2880, vocabulary
 201088, 64 query / 8 key-value heads of dim 64, sliding window 128, YaRN, attention sinks, MoE
 with 4 experts per token, expert weights stored in MXFP4 under the real tensor names
-(``*_blocks`` / ``*_scales``, written by :func:`dflash_gptoss.mxfp4.checkpoint_tensors`), every
+(``*_blocks`` / ``*_scales``, written by :func:`dflash_gptoss.teacher_mxfp4.checkpoint_tensors`), every
 other tensor in bf16. Only depth and breadth shrink: ``num_layers`` decoder layers and
 ``num_experts`` experts. The default 7 layers is the fewest the project's layer-id rule allows
 for the seed's ``--num-context-features 4`` (it needs L >= K + 3), so the cache holds the real
@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def real_width_config(num_layers: int, num_experts: int) -> dict:
     """gpt-oss-20b's config.json with ``num_layers`` layers and ``num_experts`` experts."""
-    from dflash_gptoss.model_presets import preset_dir
+    from dflash_gptoss.planning.model_presets import preset_dir
 
     cfg = json.loads((preset_dir("gpt-oss-20b") / "config.json").read_text())
     if not 1 <= num_layers <= cfg["num_hidden_layers"]:
@@ -64,7 +64,7 @@ def write_real_width_snapshot(out_dir: str | Path, *, tokenizer_dir: str | Path,
     from safetensors.torch import save_file
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    from dflash_gptoss.mxfp4 import QUANTIZATION_CONFIG, checkpoint_tensors
+    from dflash_gptoss.teacher_mxfp4 import QUANTIZATION_CONFIG, checkpoint_tensors
 
     out = Path(out_dir)
     cfg = real_width_config(num_layers, num_experts)

@@ -91,7 +91,7 @@ def expected_tensors(cfg: dict[str, Any], mxfp4: bool) -> dict[str, tuple[tuple[
         want[p + "mlp.router.bias"] = ((e,), f)
         want[p + "mlp.experts.gate_up_proj_bias"] = ((e, 2 * i), f)
         want[p + "mlp.experts.down_proj_bias"] = ((e, h), f)
-        if mxfp4:  # blocks [E, out, in/32, 16] and scales [E, out, in/32], uint8 (dflash_gptoss.mxfp4)
+        if mxfp4:  # blocks [E, out, in/32, 16] and scales [E, out, in/32], uint8 (dflash_gptoss.teacher_mxfp4)
             for name, out, inner in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):
                 want[p + f"mlp.experts.{name}_blocks"] = ((e, out, inner // 32, 16), ("U8",))
                 want[p + f"mlp.experts.{name}_scales"] = ((e, out, inner // 32), ("U8",))

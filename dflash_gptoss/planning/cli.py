@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dflash_gptoss.cache_format import human_bytes
-from dflash_gptoss.tpu_plan import DEFAULT_MFU, PlanCompileError, PlanInputError, StepPlan
-from dflash_gptoss.tpu_topologies import GIB, known_names
+from dflash_gptoss.planning.topologies import GIB, known_names
+from dflash_gptoss.planning.tpu_plan import DEFAULT_MFU, PlanCompileError, PlanInputError, StepPlan
 
 EXIT_BAD_INPUT = 2
 EXIT_COMPILE_ERROR = 1
@@ -121,7 +121,7 @@ def estimated_hours(doc: dict[str, Any]) -> float:
     Plans written before ``matmul_passes`` was recorded get it from :func:`tpu_plan.matmul_passes`
     (their ``estimated_seconds`` counted each float32 teacher FLOP once).
     """
-    from dflash_gptoss.tpu_plan import matmul_passes
+    from dflash_gptoss.planning.tpu_plan import matmul_passes
 
     passes = doc.get("matmul_passes") or matmul_passes(doc["step"], doc["settings"].get("dtype", "bfloat16"))
     return doc["flops_per_step_per_chip"] * passes * doc["steps"] / (doc["mfu"] * doc["peak_flops_per_chip"]) / 3600
@@ -205,7 +205,7 @@ STEPS = ("cache", "train")
 
 def cache_planner(args: argparse.Namespace, topology: str) -> Callable[[], StepPlan]:
     """The cache step's planner from the builder's own flags (``--batch-size`` searched with auto batch)."""
-    from dflash_gptoss.tpu_plan import plan_cache_step
+    from dflash_gptoss.planning.tpu_plan import plan_cache_step
 
     def at(batch: int) -> StepPlan:  # plan_cache_step checks its inputs before importing jax
         return plan_cache_step(args.model_snapshot_dir, topology, ctx_len=args.ctx_len, block_size=args.block_size,
@@ -241,7 +241,7 @@ def _geometry(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_planner(args: argparse.Namespace, topology: str) -> Callable[[], StepPlan]:
     """The training step's planner from the trainer's flags (``--total-batch-size`` searched with auto batch)."""
-    from dflash_gptoss.tpu_plan import plan_train_step
+    from dflash_gptoss.planning.tpu_plan import plan_train_step
 
     def at(batch: int) -> StepPlan:
         return plan_train_step(training_settings(args, batch), topology, geometry=_geometry(args), mfu=args.mfu)
@@ -253,7 +253,7 @@ def train_planner(args: argparse.Namespace, topology: str) -> Callable[[], StepP
 
 def precheck(step: str, args: argparse.Namespace, topology: str) -> None:
     """The cheap checks of one step's plan, in this process (no jax): PlanInputError on bad input."""
-    from dflash_gptoss.tpu_plan import TRAIN_COUNTS, check_cache_request, check_train_request
+    from dflash_gptoss.planning.tpu_plan import TRAIN_COUNTS, check_cache_request, check_train_request
 
     if step == "cache":
         check_cache_request(args.model_snapshot_dir, topology, ctx_len=args.ctx_len, block_size=args.block_size,

@@ -60,7 +60,7 @@ def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> st
 
 def listed_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     """Every regular file under ``root`` a manifest covers: not the manifest, not lock or temp files."""
-    from dflash_gptoss.job_lock import LOCK_NAME
+    from dflash_gptoss.run_safety.job_lock import LOCK_NAME
 
     out = []
     for p in sorted(root.rglob("*")):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dflash_gptoss.preflight import OutputPathError
+from dflash_gptoss.run_safety.preflight import OutputPathError
 
 RESERVATION_KEY = "reserved_by"
 

@@ -33,7 +33,7 @@ import torch
 
 from dflash_gptoss.decoding import DFlashDrafter, Drafter, OracleDrafter
 from dflash_gptoss.modeling_gptoss_dflash import DFlashDraftModel
-from dflash_gptoss.target import TargetRunner, new_target_cache
+from dflash_gptoss.teacher_torch import TargetRunner, new_target_cache
 
 WARMUP_ROUNDS = 2  # untimed rounds first: allocator growth and kernel selection happen there
 

@@ -163,7 +163,7 @@ def install_patches() -> None:
     if _ORIGINALS:
         return
     if easydel.__version__ != EASYDEL_VERSION:
-        raise RuntimeError(f"dflash_gptoss.easydel_gptoss_fixes targets easydel {EASYDEL_VERSION}, found "
+        raise RuntimeError(f"dflash_gptoss.teacher_easydel_fixes targets easydel {EASYDEL_VERSION}, found "
                            f"{easydel.__version__}; re-check every correction (tests/test_teacher_parity.py)")
     _ORIGINALS["get_basic_frequencies"] = GptOssConfig.get_basic_frequencies
     _ORIGINALS["mlp_init"] = modeling_gpt_oss.GptOssMLP.__init__
@@ -176,7 +176,7 @@ def _iter_state_dict(snapshot_dir: Path):
     import torch
     from safetensors import safe_open
 
-    from dflash_gptoss.mxfp4 import dequantize_mxfp4
+    from dflash_gptoss.teacher_mxfp4 import dequantize_mxfp4
 
     for file in sorted(snapshot_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dflash_gptoss.tpu_topologies import GIB, TpuTopology, check_mesh, find_topology
+from dflash_gptoss.planning.topologies import GIB, TpuTopology, check_mesh, find_topology
 
 DEFAULT_MFU = 0.4
 """Assumed model FLOPs utilisation for the time estimate (a flag; not measured here)."""
@@ -107,7 +107,7 @@ class StepPlan:
 def validate_plan_request(topology: str, *, dp: int, tp: int, mfu: float, batch: int, batch_flag: str,
                           model: str | Path) -> tuple[TpuTopology, Path]:
     """Every cheap check, before anything heavy: (topology, config folder) or PlanInputError."""
-    from dflash_gptoss.model_presets import resolve_config_dir
+    from dflash_gptoss.planning.model_presets import resolve_config_dir
 
     try:
         topo = find_topology(topology)
@@ -377,9 +377,9 @@ def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_siz
     import jax
     from flax import nnx
 
-    from dflash_gptoss.easydel_gptoss_fixes import EASYDEL_MESH_AXES, lazy_easydel_gptoss
+    from dflash_gptoss.planning.topologies import topology_mesh
+    from dflash_gptoss.teacher_easydel_fixes import EASYDEL_MESH_AXES, lazy_easydel_gptoss
     from dflash_gptoss.teacher_jax import teacher_forward_fn
-    from dflash_gptoss.tpu_topologies import topology_mesh
 
     mesh = topology_mesh(topo, (dp, 1, 1, tp, 1), EASYDEL_MESH_AXES)
     model_ = lazy_easydel_gptoss(config_dir, dp=dp, tp=tp, dtype=dtype, mesh=mesh)
@@ -433,7 +433,7 @@ def cache_geometry(cache_dir: str | Path | None, teacher_cfg: dict[str, Any], *,
     Flags given next to a ``meta.json`` must agree with it (a plan of another cache is a mistake).
     """
     from dflash_gptoss.cache_format import LAYOUTS, CacheFormatError, read_meta
-    from dflash_gptoss.config import target_layer_ids
+    from dflash_gptoss.draft_config import target_layer_ids
 
     given = {"layout": layout, "ctx_len": ctx_len, "block_size": block_size,
              "num_context_features": num_context_features}
@@ -526,11 +526,12 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
     from transformers import AutoConfig
 
     from dflash_gptoss.cache_format import array_specs
-    from dflash_gptoss.config import default_mask_token_id, make_draft_config
+    from dflash_gptoss.draft_config import default_mask_token_id, make_draft_config
     from dflash_gptoss.easydel_dflash_draft_model import lazy_draft_model
     from dflash_gptoss.easydel_dflash_trainer import training_arguments
-    from dflash_gptoss.easydel_gptoss_fixes import EASYDEL_MESH_AXES
-    from dflash_gptoss.tpu_topologies import topology_mesh
+    from dflash_gptoss.planning.topologies import topology_mesh
+    from dflash_gptoss.teacher_easydel_fixes import EASYDEL_MESH_AXES
+    from dflash_gptoss.train_batches import anchors_per_row, step_batch_shapes
     from dflash_gptoss.train_step import (
         BATCH_SPEC,
         FROZEN_TABLE_SPEC,
@@ -538,7 +539,6 @@ def plan_train_step(settings: Any, topology: str, *, geometry: dict[str, Any] | 
         resolve_loss_decay_gamma,
         slot_weights,
     )
-    from dflash_gptoss.training_data import anchors_per_row, step_batch_shapes
 
     try:
         mask_id = s.mask_token_id if s.mask_token_id is not None else default_mask_token_id(vocab, config_dir)
