@@ -72,14 +72,12 @@ from dflash_gptoss.cache_input import (
     load_token_stream,
     window_offsets,
 )
+from dflash_gptoss.cache_settings import DTYPES
+from dflash_gptoss.cli_types import check_positive_int
 from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.run_safety import stop_signals
 from dflash_gptoss.run_safety.integrity import MANIFEST_NAME
 from dflash_gptoss.run_safety.job_lock import LOCK_NAME, DirLock, LockHeldError, acquire_for_job
-
-DTYPES = ("float32", "bfloat16")
-
-
 
 
 @dataclass
@@ -144,12 +142,6 @@ def read_teacher_config(snapshot_dir: str | os.PathLike) -> dict[str, Any]:
         raise CacheBuildError(str(e)) from e
 
 
-def _check_positive(**values: int) -> None:
-    for name, v in values.items():
-        if int(v) < 1:
-            raise CacheBuildError(f"{name} must be >= 1, got {v}.")
-
-
 def _check_settings(
     *, layout: str, ctx_len: int, block_size: int, num_blocks: int, batch_size: int, dp: int, tp: int, dtype: str
 ) -> None:
@@ -157,7 +149,9 @@ def _check_settings(
         raise CacheBuildError(f"--layout must be one of {LAYOUTS}, got {layout!r}.")
     if dtype not in DTYPES:
         raise CacheBuildError(f"--dtype must be one of {DTYPES}, got {dtype!r}.")
-    _check_positive(ctx_len=ctx_len, num_blocks=num_blocks, batch_size=batch_size, dp=dp, tp=tp)
+    for name, value in {"ctx_len": ctx_len, "num_blocks": num_blocks, "batch_size": batch_size, "dp": dp,
+                        "tp": tp}.items():
+        check_positive_int(name, value, CacheBuildError)
     if block_size < 2:
         raise CacheBuildError(f"block_size must be >= 2 (an anchor and at least one proposal), got {block_size}.")
     if batch_size % dp:

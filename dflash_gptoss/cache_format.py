@@ -52,9 +52,10 @@ from typing import Any
 
 import numpy as np
 
+from dflash_gptoss.cache_settings import LAYOUTS
+
 FORMAT_NAME = "dflash-gptoss-teacher-cache"
 FORMAT_VERSION = 3
-LAYOUTS = ("blocks", "windows")
 
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"

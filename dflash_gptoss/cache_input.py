@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from dflash_gptoss.cache_format import trainable_blocks
-
-DEFAULT_DATA = "corpus:train"
-"""``data=None`` means the tiny teacher's training corpus (``data_corpus.token_stream(tok, "train")``)."""
+from dflash_gptoss.cache_settings import DEFAULT_DATA
 
 
 class CacheBuildError(ValueError):

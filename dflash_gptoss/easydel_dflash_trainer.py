@@ -47,7 +47,6 @@ import functools
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +56,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dflash_gptoss.cli_types import check_positive_int
 from dflash_gptoss.easydel_dflash_cache import CacheMismatchError, DFlashCacheDataset
 from dflash_gptoss.train_batches import anchors_per_row, host_batch, load_frozen_tables
+from dflash_gptoss.train_settings import DFlashTrainingSettings
 from dflash_gptoss.train_step import (
     BATCH_SPEC,
     FROZEN_TABLE_SPEC,
@@ -108,47 +109,6 @@ def _write_failure_reason(e: BaseException) -> str:
     while e is not None and not isinstance(e, OSError):
         e = e.__cause__ or e.__context__
     return write_failure_reason(e) if e is not None else str(first).splitlines()[0][:300]
-
-
-# ------------------------------------------------------------------------------- settings
-@dataclass
-class DFlashTrainingSettings:
-    """Everything a run needs; the CLI maps its flags one to one onto these fields."""
-
-    cache_dir: str
-    teacher_snapshot_dir: str
-    save_directory: str
-    model_name: str = "dflash-draft"
-    max_training_steps: int = 100
-    total_batch_size: int = 8
-    dp: int = 1
-    tp: int = 1
-    vocab_chunk_size: int = 8192
-    save_steps: int | None = None
-    log_steps: int = 10
-    learning_rate: float = 3e-4
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    num_draft_layers: int = 1
-    loss_decay_gamma: float | None = None  # None: train_step.default_loss_decay_gamma(block_size)
-    anchors_per_window: int = 16
-    block_size: int | None = None
-    mask_token_id: int | None = None
-    gradient_accumulation_steps: int = 1
-    seed: int = 0
-    resume: bool = False
-    resume_if_possible: bool = False
-    allow_new_cache: bool = False  # --resume onto another cache (or eval cache) than the run's, recorded in the run
-    export_dir: str | None = None
-    progress_bar: str = "tqdm"
-    verify_cache: str = "auto"  # "auto" | "size" | "full": how deeply the cache is checked against its manifest
-    eval_cache_dir: str | None = None  # held-out cache: evaluated every eval_steps (and at the first/last step)
-    eval_steps: int | None = None
-    keep_best: bool = False  # export the evaluation with the best held-out mean accepted length
-    eval_temperature: float | None = None  # also the expected accepted length when sampling at this temperature
-    eval_top_k: int = 32  # teacher probabilities kept per eval position for eval_temperature
-    export_check_blocks: int = 1024  # blocks the export check proposes with the exported torch draft
 
 
 # ------------------------------------------------------------------------------- the trainer
@@ -464,8 +424,7 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
 
 # ------------------------------------------------------------------------------- assembly
 def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise TrainerInputError(f"{name}={value!r} must be an integer >= 1.")
+    check_positive_int(name, value, TrainerInputError)
 
 
 def _default_mask_token_id(snapshot_dir: str, vocab_size: int) -> int:

@@ -49,7 +49,7 @@ GPU = "H100"
 WEIGHTS_VOLUME, WEIGHTS_DIR = "gptoss-weights", "/weights"
 CACHE_VOLUME, CACHE_DIR = "dflash-teacher-cache", "/cache"
 DRAFTS_VOLUME, DRAFTS_DIR = "dflash-drafts", "/drafts"
-SCRIPTS_DIR = "/root/scripts"  # the image's copy of scripts/; their sys.path insert finds /root/dflash_gptoss
+SCRIPTS_DIR = "/root/scripts"  # the image's copy of scripts/; PYTHONPATH=/root finds /root/dflash_gptoss
 STEPS = ("data", "cache", "train")
 DEFAULT_DATA_NAME = "gptoss20b_greedy"
 DEFAULT_DRAFT_NAME = "gptoss20b-dflash-draft"
@@ -283,6 +283,7 @@ def _run_script(script: str, argv: list[str], *, jax_gpu: bool) -> None:
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the snapshot is local by now; scripts must not reach the hub
+    env["PYTHONPATH"] = os.pathsep.join(p for p in ("/root", env.get("PYTHONPATH")) if p)  # the package's copy
     if jax_gpu:
         env["JAX_PLATFORMS"] = "cuda"
     cmd = [sys.executable, f"{SCRIPTS_DIR}/{script}", *argv]

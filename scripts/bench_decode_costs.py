@@ -15,10 +15,9 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dflash_gptoss.cli_types import positive_int
 
-from dflash_gptoss.cli_types import positive_int  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fail(message: str) -> int:

@@ -34,10 +34,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dflash_gptoss.benchmark.core import (  # noqa: E402
+from dflash_gptoss.benchmark.core import (
     DEFAULT_CPU_THREADS,
     DEFAULT_REPEATS,
     BenchSettings,
@@ -46,8 +43,10 @@ from dflash_gptoss.benchmark.core import (  # noqa: E402
     summary_lines,
     write_report,
 )
-from dflash_gptoss.cli_types import positive_int  # noqa: E402
-from dflash_gptoss.run_safety.report_stem import release  # noqa: E402
+from dflash_gptoss.cli_types import positive_int
+from dflash_gptoss.run_safety.report_stem import release
+
+REPO = Path(__file__).resolve().parents[1]
 
 EXIT_REPORT_NOT_WRITTEN = 3
 

@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dflash_gptoss.cache_format import human_bytes  # noqa: E402
-from dflash_gptoss.run_safety.integrity import CHECKS, IntegrityError, read_manifest, verify_manifest  # noqa: E402
+from dflash_gptoss.cache_format import human_bytes
+from dflash_gptoss.run_safety.integrity import CHECKS, IntegrityError, read_manifest, verify_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

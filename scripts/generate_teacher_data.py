@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dflash_gptoss.cli_types import positive_int  # noqa: E402
+from dflash_gptoss.cli_types import positive_int
 
 EXIT_BAD_INPUT = 2
 

@@ -17,49 +17,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dflash_gptoss.cache_settings import CacheBuildSettings
+from dflash_gptoss.cli_types import add_settings_arguments
+from dflash_gptoss.planning.cli import STEPS, add_plan_arguments, run_plans
+from dflash_gptoss.train_settings import DFlashTrainingSettings
 
-from dflash_gptoss.cli_types import non_negative_float, positive_float, positive_int  # noqa: E402
-from dflash_gptoss.planning.cli import STEPS, add_plan_arguments, run_plans  # noqa: E402
+CACHE_FLAGS = ("ctx_len", "block_size", "num_context_features", "num_blocks", "batch_size", "layout", "dtype")
+"""The builder's settings that shape its compiled step (the rest are paths and run switches)."""
+TRAIN_FLAGS = ("cache_dir", "total_batch_size", "gradient_accumulation_steps", "num_draft_layers",
+               "vocab_chunk_size", "anchors_per_window", "max_training_steps", "learning_rate", "lr_schedule",
+               "warmup_steps", "weight_decay", "loss_decay_gamma", "mask_token_id", "seed")
+"""The trainer's settings that shape its compiled step or the plan's estimate."""
+LEFT_OUT = ("num_blocks", "cache_dir", "max_training_steps")
+"""Required by their scripts, optional here: a plan of one step needs only that step's (None when absent)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The two scripts' own flags, taken from their settings dataclasses (same names, defaults, help)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-snapshot-dir", required=True,
-                   help="the teacher: a snapshot folder (config.json is enough) or a preset name "
-                        "(gpt-oss-20b, gpt-oss-120b).")
+    add_settings_arguments(p, CacheBuildSettings, only=("model_snapshot_dir", "dp", "tp"))
     p.add_argument("--steps", default="cache,train",
                    help="comma-separated steps to plan: cache (the teacher forward of the cache build), "
                         "train (the optimizer step).")
-    p.add_argument("--dp", type=positive_int, default=1, help="data-parallel mesh size (both steps).")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel mesh size (both steps).")
     c = p.add_argument_group("cache build (scripts/tpu_dflash_build_teacher_cache.py's flags)")
-    c.add_argument("--ctx-len", type=positive_int, required=True,
-                   help="context positions per block (blocks layout) / window length (windows layout).")
-    c.add_argument("--block-size", type=int, default=8, help="block size B (>= 2).")
-    c.add_argument("--num-context-features", type=positive_int, default=4, help="K teacher layers as features.")
-    c.add_argument("--num-blocks", type=positive_int, default=4096,
-                   help="blocks (blocks layout) or windows (windows layout) the cache holds.")
-    c.add_argument("--batch-size", type=positive_int, default=4, help="windows per teacher forward (multiple of dp).")
-    c.add_argument("--layout", choices=("blocks", "windows"), default="blocks", help="cache layout.")
-    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="teacher compute dtype.")
+    add_settings_arguments(c, CacheBuildSettings, only=CACHE_FLAGS, optional=LEFT_OUT)
     t = p.add_argument_group("training (scripts/tpu_dflash_train_with_easydel_trainer.py's flags)")
-    t.add_argument("--cache-dir", default=None,
-                   help="an existing cache: its meta.json gives the geometry (else the cache flags above).")
-    t.add_argument("--total-batch-size", type=positive_int, default=8, help="global batch (multiple of dp).")
-    t.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="minibatches per step.")
-    t.add_argument("--num-draft-layers", type=positive_int, default=1, help="draft layers (published draft: 8).")
-    t.add_argument("--vocab-chunk-size", type=positive_int, default=8192, help="vocab rows per CE chunk.")
-    t.add_argument("--anchors-per-window", type=positive_int, default=16, help="windows layout: anchors per row.")
-    t.add_argument("--max-training-steps", type=positive_int, default=2000, help="optimizer steps of the run.")
-    t.add_argument("--learning-rate", type=positive_float, default=3e-4, help="peak AdamW learning rate.")
-    t.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine", help="decay.")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps.")
-    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay.")
-    t.add_argument("--mask-token-id", type=int, default=None, help="MASK id (default: 200000 for gpt-oss).")
-    t.add_argument("--seed", type=int, default=0, help="draft init seed.")
+    add_settings_arguments(t, DFlashTrainingSettings, only=TRAIN_FLAGS, optional=LEFT_OUT)
     add_plan_arguments(p, topology_flag="--topology")
     return p
 
@@ -71,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not steps:
         print(f"error: --steps {args.steps!r}: choose from {', '.join(STEPS)} (comma-separated)", file=sys.stderr)
         return 2
+    for step, name in (("cache", "num_blocks"), ("train", "max_training_steps")):
+        if step in steps and getattr(args, name) is None:
+            flag = "--" + name.replace("_", "-")
+            print(f"error: planning the {step} step needs {flag} (the run's own value: it sets the plan's hours)",
+                  file=sys.stderr)
+            return 2
     args.teacher_snapshot_dir = args.model_snapshot_dir  # the trainer's name for the same folder
     return run_plans(args, args.topology, tuple(steps), args.plan_json)
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dflash_gptoss.cache_input import DEFAULT_DATA  # noqa: E402  (light: numpy only)
-from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
-from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.planning.cli import add_plan_arguments, run_plans  # noqa: E402
+from dflash_gptoss.cache_settings import CacheBuildSettings
+from dflash_gptoss.cli_types import add_settings_arguments
+from dflash_gptoss.distributed import add_distributed_args, initialize_from_args
+from dflash_gptoss.planning.cli import add_plan_arguments, run_plans
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 1
@@ -36,65 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overlap); window_offsets.npy records them. A killed build continues with --resume (same flags) "
         "and gives byte-identical arrays; the cache is marked complete in meta.json only at the end.",
     )
-    p.add_argument(
-        "--model-snapshot-dir",
-        required=True,
-        help="Hugging Face snapshot folder of the GPT-OSS teacher (config.json, *.safetensors, tokenizer.json).",
-    )
-    p.add_argument(
-        "--ctx-len",
-        type=_positive_int,
-        required=True,
-        help="context positions per block (blocks layout: the anchor sits at position ctx_len); "
-        "window length per window in windows layout.",
-    )
-    p.add_argument("--block-size", type=int, default=8, help="block size B: the anchor plus B-1 proposals (>= 2).")
-    p.add_argument(
-        "--num-context-features",
-        type=_positive_int,
-        default=4,
-        help="K: number of teacher layers whose outputs form the context features; the layer ids "
-        "follow round(1 + i*(L-4)/(K-1)).",
-    )
-    p.add_argument(
-        "--num-blocks",
-        type=_positive_int,
-        required=True,
-        help="number of windows to run through the teacher: blocks in 'blocks' layout, windows in 'windows' layout.",
-    )
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=4, help="windows per teacher forward; must be divisible by --dp."
-    )
-    p.add_argument("--out-dir", required=True, help="cache directory to create (or resume / overwrite).")
-    p.add_argument(
-        "--data",
-        default=None,
-        help='JSONL of {"text": ...} (tokenized with the snapshot\'s tokenizer.json) or '
-        '{"input_ids": [...]} documents, joined with EOS into one stream. Default: the tiny '
-        f"teacher's training corpus ({DEFAULT_DATA}: the stdlib .py train split).",
-    )
-    p.add_argument("--layout", choices=("blocks", "windows"), default="blocks", help="cache layout (see below).")
-    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets in the token stream.")
-    p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel mesh size (batch axis).")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel mesh size.")
-    p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="teacher compute dtype (features are stored as bf16 either way).",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted build in --out-dir (same settings required)."
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a cache already in --out-dir.")
-    p.add_argument(
-        "--assume-free-bytes",
-        type=int,
-        default=None,
-        help="use this many free bytes for the size check instead of measuring --out-dir's "
-        "filesystem (for filesystems that misreport, and to test the check).",
-    )
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar.")
+    add_settings_arguments(p, CacheBuildSettings)
     add_distributed_args(p)
     add_plan_arguments(p)
     p.epilog += (

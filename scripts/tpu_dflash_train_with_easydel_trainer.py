@@ -11,107 +11,19 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dflash_gptoss.cli_types import non_negative_float as _non_negative_float  # noqa: E402
-from dflash_gptoss.cli_types import positive_float as _positive_float  # noqa: E402
-from dflash_gptoss.cli_types import positive_int as _positive_int  # noqa: E402
-from dflash_gptoss.distributed import add_distributed_args, initialize_from_args  # noqa: E402
-from dflash_gptoss.planning.cli import add_plan_arguments, run_plans  # noqa: E402
+from dflash_gptoss.cli_types import add_settings_arguments, settings_from_args
+from dflash_gptoss.distributed import add_distributed_args, initialize_from_args
+from dflash_gptoss.planning.cli import add_plan_arguments, run_plans
+from dflash_gptoss.train_settings import DFlashTrainingSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The seed's flags plus the optimisation / loss / export flags."""
+    """One flag per field of ``DFlashTrainingSettings`` (defaults, types and help live there), plus the
+    multi-host and plan flags."""
     p = argparse.ArgumentParser(
         description="Train a DFlash draft for a GPT-OSS teacher from its teacher cache (easydel Trainer, "
                     "dp x tp mesh, exact chunked full-vocab CE against the frozen teacher lm_head).")
-    p.add_argument("--cache-dir", required=True,
-                   help="teacher cache directory written by scripts/tpu_dflash_build_teacher_cache.py "
-                        "(layout 'blocks' or 'windows').")
-    p.add_argument("--teacher-snapshot-dir", required=True,
-                   help="the teacher's HF snapshot (config.json + safetensors): its frozen embed_tokens and "
-                        "lm_head are read from here; it must be the teacher the cache was built with.")
-    p.add_argument("--save-directory", required=True,
-                   help="checkpoints go to SAVE_DIRECTORY/MODEL_NAME/run-<step>/.")
-    p.add_argument("--model-name", default="dflash-draft", help="run name under --save-directory.")
-    p.add_argument("--max-training-steps", type=_positive_int, required=True, help="optimizer steps to run.")
-    p.add_argument("--total-batch-size", type=_positive_int, default=8,
-                   help="GLOBAL batch per step (cache rows: blocks, or windows with many anchors each); "
-                        "sharded over dp, so it must be divisible by --dp.")
-    p.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1,
-                   help="minibatches of --total-batch-size rows accumulated per optimizer step (one step reads "
-                        "total_batch_size * accumulation cache rows; gradients are averaged).")
-    p.add_argument("--dp", type=_positive_int, default=1, help="data-parallel mesh size (batch axis).")
-    p.add_argument("--tp", type=_positive_int, default=1,
-                   help="tensor-parallel mesh size; the lm_head vocab rows are split over it (V %% tp == 0); "
-                        "dp*tp must equal the number of devices (of all hosts together past one host).")
-    p.add_argument("--vocab-chunk-size", type=_positive_int, default=8192,
-                   help="vocab rows per chunk of the online log-sum-exp (memory ~ rows x chunk per device).")
-    p.add_argument("--save-steps", type=_positive_int, default=None,
-                   help="checkpoint every N steps (the last step is always saved).")
-    p.add_argument("--log-steps", type=_positive_int, default=10,
-                   help="log loss, per-slot accuracy, expected accepted length, throughput, lr every N steps.")
-    p.add_argument("--learning-rate", type=_positive_float, default=3e-4, help="peak AdamW learning rate.")
-    p.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine",
-                   help="decay after warmup.")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps.")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay.")
-    p.add_argument("--num-draft-layers", type=_positive_int, default=1, help="draft transformer layers.")
-    p.add_argument("--loss-decay-gamma", type=_non_negative_float, default=None,
-                   help="slot k's loss weight is exp(-(k-1)/gamma); 0 = uniform. Default: the published "
-                        "recipes' 4 for block size <= 8, 7 above.")
-    p.add_argument("--anchors-per-window", type=_positive_int, default=16,
-                   help="'windows' caches only: anchors sampled per window, afresh each step "
-                        "(capped at ctx_len - block_size + 1).")
-    p.add_argument("--mask-token-id", type=int, default=None,
-                   help="MASK token id (default: 200000 for gpt-oss vocabularies, else the tokenizer's <|mask|>).")
-    p.add_argument("--seed", type=int, default=0, help="draft init, data order and anchor sampling seed.")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest run-<step> under SAVE_DIRECTORY/MODEL_NAME (verified against its "
-                        "manifest; the draft's shape and data settings must match the run's). An error when there "
-                        "is no checkpoint, so a mistyped --model-name never restarts training silently.")
-    p.add_argument("--resume-if-possible", action="store_true",
-                   help="like --resume, but start afresh when SAVE_DIRECTORY/MODEL_NAME holds no checkpoint "
-                        "(for scripts that rerun one command). Without either flag, a folder that already holds "
-                        "checkpoints is refused.")
-    p.add_argument("--allow-new-cache", action="store_true",
-                   help="with --resume: continue although --cache-dir (or --eval-cache-dir) is not the cache the run "
-                        "trained on (a resume onto another cache is refused otherwise); the switch is recorded in "
-                        "the run's dflash_run.json.")
-    p.add_argument("--verify-cache", choices=("auto", "size", "full"), default="auto",
-                   help="how deeply the cache is checked against its manifest before training: 'size' (every file "
-                        "present at its size; instant), 'full' (every byte re-hashed, ~1.4 GB/s), 'auto' (full up "
-                        "to 4 GiB, else size; scripts/dflash_verify.py checks a large cache fully).")
-    p.add_argument("--export-dir", default=None,
-                   help="after training, write the final draft as a torch/HF folder (config.json + "
-                        "model.safetensors + its modeling code, loadable with AutoModel and trust_remote_code) that "
-                        "the benchmark and serving engines load. Checked before training (a new or empty folder, or an "
-                        "earlier draft, which is replaced); written to a temporary folder, checked (--export-check-"
-                        "blocks), then renamed into place.")
-    p.add_argument("--summary-json", default=None,
-                   help="write the run summary here (per-step history, eval_history, export_check).")
-    p.add_argument("--eval-cache-dir", default=None,
-                   help="a HELD-OUT teacher cache (same teacher and geometry as --cache-dir, built from data the "
-                        "training cache never saw): its fixed seeded blocks are scored at the first step, every "
-                        "--eval-steps and the last step (loss, per-slot accuracy, teacher-forced accepted length "
-                        "as the benchmark counts it: mean, median, p90, histogram).")
-    p.add_argument("--eval-steps", type=_positive_int, default=None,
-                   help="evaluate on --eval-cache-dir every N steps (besides the first and the last).")
-    p.add_argument("--keep-best", action="store_true",
-                   help="export the evaluated step with the best held-out mean accepted length instead of the last "
-                        "(among this run's evaluations; needs --eval-cache-dir).")
-    p.add_argument("--eval-temperature", type=float, default=None,
-                   help="also report, at each evaluation, the expected accepted length when sampling at this "
-                        "temperature (> 0) with the draft's argmax proposals: 1 + sum_k prod_{j<=k} p_j(x_j), p the "
-                        "teacher's law at T, computed once at start from the teacher (needs --eval-cache-dir, "
-                        "windows layout).")
-    p.add_argument("--eval-top-k", type=_positive_int, default=32,
-                   help="with --eval-temperature: teacher probabilities kept per position (default 32); a proposal "
-                        "outside them bounds the figure, reported as lower-upper.")
-    p.add_argument("--export-check-blocks", type=_positive_int, default=1024,
-                   help="blocks on which the exported torch draft must reproduce the JAX draft's accepted length "
-                        "(within 0.02) and slot accuracies (within 0.01) before the export is put in place; "
-                        "held-out blocks when --eval-cache-dir is given, else training-cache blocks.")
+    add_settings_arguments(p, DFlashTrainingSettings)
     add_distributed_args(p)
     add_plan_arguments(p, geometry=True)
     return p
@@ -120,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.warmup_steps < 0:
-        parser.error(f"--warmup-steps {args.warmup_steps} must be >= 0")
     if args.total_batch_size % args.dp:
         parser.error(f"--total-batch-size {args.total_batch_size} is not divisible by --dp {args.dp}")
     if args.plan_tpu:  # plan for a named TPU instead of training: no cache or weights read, nothing written
@@ -165,7 +75,6 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from dflash_gptoss.easydel_dflash_cache import CacheMismatchError
     from dflash_gptoss.easydel_dflash_trainer import (
         CheckpointWriteError,
-        DFlashTrainingSettings,
         NonFiniteTrainingError,
         build_trainer,
         run_training,
@@ -176,21 +85,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from dflash_gptoss.run_safety.job_lock import LockHeldError
     from dflash_gptoss.run_safety.preflight import write_failure_message
 
-    settings = DFlashTrainingSettings(
-        cache_dir=args.cache_dir, teacher_snapshot_dir=args.teacher_snapshot_dir,
-        save_directory=args.save_directory, model_name=args.model_name,
-        max_training_steps=args.max_training_steps, total_batch_size=args.total_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, dp=args.dp,
-        tp=args.tp, vocab_chunk_size=args.vocab_chunk_size, save_steps=args.save_steps, log_steps=args.log_steps,
-        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, num_draft_layers=args.num_draft_layers,
-        loss_decay_gamma=args.loss_decay_gamma, anchors_per_window=args.anchors_per_window,
-        mask_token_id=args.mask_token_id, seed=args.seed, resume=args.resume,
-        resume_if_possible=args.resume_if_possible, allow_new_cache=args.allow_new_cache,
-        verify_cache=args.verify_cache, export_dir=args.export_dir,
-        eval_cache_dir=args.eval_cache_dir, eval_steps=args.eval_steps, keep_best=args.keep_best,
-        eval_temperature=args.eval_temperature, eval_top_k=args.eval_top_k,
-        export_check_blocks=args.export_check_blocks)
+    settings = settings_from_args(DFlashTrainingSettings, args, block_size=None)  # --block-size: plan only
     from dflash_gptoss.run_safety.stop_signals import StopRequested, report, stop_on_signals
 
     with stop_on_signals() as stop_flag:  # from here on Ctrl-C / SIGTERM stop at a step boundary

@@ -8,22 +8,21 @@ A file holding {"cache": ..., "train": ...} (scripts/plan_tpu_run.py) gives one 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dflash_gptoss.planning.cli import TABLE_HEADER, table_row  # noqa: E402
+from dflash_gptoss.planning.cli import TABLE_HEADER, table_row
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args else 2
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", metavar="FILE[=NOTE]",
+                   help="plan JSON files (--plan-json output); '=NOTE' puts NOTE in the row's last column.")
+    args = p.parse_args(argv)
     print(TABLE_HEADER)
-    for arg in args:
+    for arg in args.files:
         path, _, note = arg.partition("=")
         if not Path(path).is_file():
             print(f"error: {path} is not a file", file=sys.stderr)

@@ -3,6 +3,10 @@
 JAX tests need a real 2x4 ``dp`` x ``tp`` mesh on CPU, so 8 host devices are forced
 before anything imports jax. The tiny teacher is built once per machine (cached
 outside the repo) and shared by every test that needs a real GPT-OSS model.
+
+Tiers: ``bash scripts/test.sh`` runs everything; ``bash scripts/test.sh -m "not slow"`` is the
+quick tier. A test is ``slow`` when it is marked so or when it needs the tiny teacher (building it
+takes minutes on a fresh machine), so the quick tier never builds it.
 """
 
 from __future__ import annotations
@@ -25,3 +29,13 @@ def tiny_teacher_dir() -> Path:
     from dflash_gptoss.tiny_teacher import ensure_tiny_teacher
 
     return ensure_tiny_teacher(progress=False)
+
+
+SLOW_FIXTURES = {"tiny_teacher_dir"}
+"""Fixtures that make a test slow wherever they are used (directly or through another fixture)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

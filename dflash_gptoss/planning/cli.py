@@ -224,14 +224,11 @@ def training_settings(args: argparse.Namespace, total_batch_size: int) -> Any:
     Every settings field whose name is a parsed flag takes its value, so a plan uses exactly
     the settings the same command line would train with. ``cache_dir`` may not exist yet.
     """
-    from dataclasses import fields
+    from dflash_gptoss.cli_types import settings_from_args
+    from dflash_gptoss.train_settings import DFlashTrainingSettings
 
-    from dflash_gptoss.easydel_dflash_trainer import DFlashTrainingSettings
-
-    values = {f.name: getattr(args, f.name) for f in fields(DFlashTrainingSettings) if hasattr(args, f.name)}
-    values["total_batch_size"] = total_batch_size
-    values.setdefault("save_directory", "")
-    return DFlashTrainingSettings(**values)
+    return settings_from_args(DFlashTrainingSettings, args, total_batch_size=total_batch_size,
+                              save_directory=getattr(args, "save_directory", ""))
 
 
 def _geometry(args: argparse.Namespace) -> dict[str, Any]:
