@@ -128,16 +128,10 @@ class BuildResult:
 # --------------------------------------------------------------------------- validation
 def read_teacher_config(snapshot_dir: str | os.PathLike) -> dict[str, Any]:
     """config.json of a GPT-OSS snapshot (all a plan needs); a build checks the rest in ``plan_teacher_cache``."""
-    path = Path(snapshot_dir)
-    if not path.is_dir():
-        raise CacheBuildError(f"--model-snapshot-dir {path} does not exist (expected a Hugging Face snapshot folder).")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CacheBuildError(f"--model-snapshot-dir {path} has no config.json; it is not a model snapshot.")
     from dflash_gptoss.teacher_snapshot import SnapshotError, read_config
 
     try:
-        return read_config(path)  # parses (naming line and column), GPT-OSS, the sizes the cache needs
+        return read_config(snapshot_dir)  # parses (naming line and column), GPT-OSS, the sizes the cache needs
     except SnapshotError as e:
         raise CacheBuildError(str(e)) from e
 
@@ -189,7 +183,7 @@ def _known_files(out_dir: Path) -> list[Path]:
 
 
 def _is_empty(out_dir: Path) -> bool:
-    """No file but (maybe) our own lock: a fresh out-dir."""
+    """No file but (maybe) this build's own lock: a fresh out-dir."""
     return not out_dir.exists() or all(p.name == LOCK_NAME for p in out_dir.iterdir())
 
 
@@ -415,7 +409,7 @@ def plan_teacher_cache(
         if lock is not None:
             lock.release()
         if not existed and _is_empty(out):
-            shutil.rmtree(out, ignore_errors=True)  # only our lock file: leave no trace of a refused build
+            shutil.rmtree(out, ignore_errors=True)  # only this build's lock file: leave no trace of a refused build
         raise
     return BuildPlan(
         created_out_dir=not existed,

@@ -28,8 +28,8 @@ so a trainer samples many anchors per window (see ``window_block_target_ids`` in
 ``easydel_dflash_cache``). ``--num-blocks`` counts windows in this layout. A ``response``
 flag per position marks the tokens a draft may learn to propose: data documents may carry
 a ``prompt_len`` (the teacher-generated data does; so can chat data), and a prompt's tokens
-are context only, never anchors or labels (DESIGN.md: on chat data only the assistant's
-tokens are anchors/labels). In ``blocks`` the builder only draws windows whose whole block
+are context only, never anchors or labels (docs/design.md, "How DFlash works": on chat data
+only the assistant's tokens are anchors/labels). In ``blocks`` the builder only draws windows whose whole block
 (anchor and labels) is response.
 
 Version 2 added the ``response`` array; version 3 the manifest and the teacher's identity (its config
@@ -61,7 +61,7 @@ META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 WINDOW_OFFSETS_FILE = "window_offsets.npy"
 
-# Upper bound of one .npy header (numpy pads headers to a multiple of 64 bytes; ours are < 128).
+# Upper bound of one .npy header (numpy pads headers to a multiple of 64 bytes; the cache's are < 128).
 NPY_HEADER_BYTES = 128
 # Generous upper bound for meta.json + progress.json, so the size check never under-counts.
 JSON_OVERHEAD_BYTES = 64 * 1024

@@ -6,7 +6,7 @@ exported draft folder (with :mod:`modeling_gptoss_dflash`) so that
 without dflash_gptoss.
 
 The layout follows the published DFlash drafts and what vLLM, SGLang and z-lab's reference class
-read (``../shared/INTEROP.md``):
+read (``docs/interop.md``, "`config.json`"):
 
 * ``model_type`` stays ``"qwen3"`` (this is a ``Qwen3Config`` subclass), so loaders that do not
   run remote code read the folder as the ``Qwen3Config`` they expect; ``architectures`` is

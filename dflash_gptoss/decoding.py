@@ -4,7 +4,7 @@ Both loops have the same structure (own cache from prefill on, explicit
 positions, one argmax per target forward) so their wall-clock ratio is fair.
 With greedy decoding the speculative loop must return exactly the baseline's
 tokens; the verify rule below guarantees it as long as the block verify and the
-one-token steps agree on the argmax (DESIGN.md: they are not bit-identical, so
+one-token steps agree on the argmax (docs/design.md, "GPT-OSS specifics": they are not bit-identical, so
 the benchmark counts mismatches rather than assuming none).
 
 Speculative step, with the target's cache holding positions ``< n`` and the

@@ -169,6 +169,21 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def gather_to_host(tree: Any) -> Any:
+    """Every array of ``tree`` whole on every process (a collective past one host: every process must
+    call it in the same order); arrays this process already holds in full are left as they are."""
+    import jax
+
+    def whole(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(whole, tree)
+
+
 def process_row_range(sharding: Any, shape: tuple[int, ...]) -> tuple[int, int]:
     """``[lo, hi)``: the rows (axis 0) of an array of ``shape`` with ``sharding`` that this process's
     devices hold; the whole range on one process.

@@ -28,7 +28,7 @@ GPT_OSS_MASK_TOKEN_ID = 200000
 def target_layer_ids(num_target_layers: int, num_context_features: int) -> list[int]:
     """Target layers whose outputs form the draft's context, spread over the depth.
 
-    ``round(1 + i*(L-4)/(K-1))`` for ``i = 0..K-1`` (DESIGN.md). Index ``l`` is the
+    ``round(1 + i*(L-4)/(K-1))`` for ``i = 0..K-1`` (docs/design.md, "How DFlash works"). Index ``l`` is the
     OUTPUT of decoder layer ``l`` (``hidden_states[l+1]`` in transformers' terms).
     Rounding is half-up, not Python's banker's rounding, so the rule gives the same
     ids in every language that reimplements it. For gpt-oss-20b (L=24, K=5) this

@@ -1,4 +1,4 @@
-"""The DFlash draft as a flax.nnx / EasyDeL module, for training in JAX (DESIGN.md, "Training").
+"""The DFlash draft as a flax.nnx / EasyDeL module, for training in JAX (docs/design.md, "Training").
 
 Same math and parameter layout as the PyTorch draft in
 :mod:`dflash_gptoss.modeling_gptoss_dflash` (the reference; see its docstring), in a batched
@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dflash_gptoss.configuration_gptoss_dflash import draft_block_size, draft_mask_token_id, draft_target_layer_ids
+from dflash_gptoss.mesh import TP
 
 MODEL_TYPE = "dflash_draft"
 
@@ -47,9 +48,9 @@ _SHARED_FIELDS = (
     "layer_types", "block_size", "num_target_layers", "dflash_config", "architectures",
 )
 
-COLUMN = PartitionSpec(None, "tp")
+COLUMN = PartitionSpec(None, TP)
 """``[in, out]`` kernel split on its output features (q/k/v/gate/up/fc): no communication in."""
-ROW = PartitionSpec("tp", None)
+ROW = PartitionSpec(TP, None)
 """``[in, out]`` kernel split on its input features (o/down): one reduction out."""
 
 
@@ -179,7 +180,8 @@ class DFlashAttention(nnx.Module):
         stop-gradient max (exact: softmax does not depend on the shift), which spares the backward
         pass a concatenation of both score tensors. On the demo's shapes on a 2-core CPU the attention's
         forward+backward is ~3x faster than the same math as 6-d einsums over concatenated scores; the
-        whole training step, ~9% (artifacts/dflash_bench/tiny_acceptance/README.md, rows 17-21).
+        whole training step, ~9% (artifacts/dflash_bench/tiny_acceptance/README.md, "2026-11-26: a faster
+        attention, the loss decay, a fourth layer").
         """
         b, nb, bs, _ = block.shape
         kv, d, groups = self.num_kv_heads, self.head_dim, self.num_heads // self.num_kv_heads
@@ -329,13 +331,15 @@ def load_draft_state(checkpoint_dir: str | Path, *, dp: int = 1, tp: int = 1, dt
     return state
 
 
-def param_variables(model: nnx.Module) -> list[tuple[tuple[str, ...], nnx.Variable]]:
-    """(path, variable) of every ``nnx.Param``; assigning ``var[...]`` updates the model in place."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return [(tuple(str(p) for p in path), var) for path, var in flat]
+def param_variables(model: nnx.Module | nnx.State) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+    """(path, variable) of every ``nnx.Param`` of a module (or every variable of a state, e.g. a
+    trainer's graphstate); assigning ``var[...]`` updates the model in place. The one flattening
+    of draft parameters: export, the export check and the tests all read paths from here."""
+    state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
+    return [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
 
 
-def param_arrays(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
+def param_arrays(model: nnx.Module | nnx.State) -> dict[tuple[str, ...], jax.Array]:
     """``{path: array}`` of every ``nnx.Param`` (paths as tuples of strings)."""
     return {path: var[...] for path, var in param_variables(model)}
 

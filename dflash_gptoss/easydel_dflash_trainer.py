@@ -1,4 +1,4 @@
-"""Cache-first DFlash draft training as an easydel ``Trainer`` subclass (DESIGN.md, "Training").
+"""Cache-first DFlash draft training as an easydel ``Trainer`` subclass (docs/design.md, "Training").
 
 No teacher forward runs here: every step reads the teacher cache (context features, anchor
 tokens, the teacher's greedy labels) and trains only the draft (``fc``, norms, layers). The
@@ -9,26 +9,26 @@ parameters of the state, so the optimizer cannot touch them and checkpoints stay
 How easydel 0.3.0 is plugged (facts found in ``easydel/trainers``):
 
 * ``BaseTrainer.__init__`` runs ``initialize_trainer_utils`` -> ``_configure_dataloaders``
-  (calls our :meth:`DFlashTrainer.configure_dataloaders`), ``_configure_model`` (optimizer and
+  (calls :meth:`DFlashTrainer.configure_dataloaders`), ``_configure_model`` (optimizer and
   scheduler from the ``TrainingArguments``), ``_configure_state`` (shards the state by the
-  model's partition rules, sets ``state_shardings``), ``_configure_functions`` (calls our
+  model's partition rules, sets ``state_shardings``), ``_configure_functions`` (calls
   :meth:`DFlashTrainer.configure_functions`). Everything the two overrides need is therefore
   set BEFORE ``super().__init__``.
 * ``Trainer._execute_train_step`` calls ``sharded_training_step_function(state, batch,
   *self._train_shared_fn_extra_args, *self._train_shared_fn_static_args)`` and expects
-  ``(state, LossMetrics)``; we put the frozen tables in ``_train_shared_fn_extra_args`` and
+  ``(state, LossMetrics)``; the frozen tables go in ``_train_shared_fn_extra_args`` and
   bake every static setting into the jitted function (empty static args).
 * ``_get_next_batch`` re-``iter``s the loader on ``StopIteration``; resume fast-forwards the
-  iterator by the saved step count. Our loader is an infinite, deterministic stream (epoch
+  iterator by the saved step count. This trainer's loader is an infinite, deterministic stream (epoch
   ``e`` uses the dataset's seeded permutation, anchors are drawn from ``rng([seed, step])``), so
   a resumed run sees exactly the batches an uninterrupted run would.
 * ``StepMetrics.calculate`` logs ``loss``, ``accuracy``, ``learning_rate`` and everything in
-  ``LossMetrics.other_metrics`` (our per-slot accuracies and acceptance lengths), and
+  ``LossMetrics.other_metrics`` (the draft's per-slot accuracies and acceptance lengths), and
   ``train-mlperf/throughput = training_batch_size * max_length / execution_time``: ``max_length``
   is set to the supervised slots per row, so that figure is supervised draft tokens per second.
 * Gradient accumulation: easydel's ``minibatch_call`` slices one loaded batch of
   ``total_batch_size * gradient_accumulation_steps`` rows into minibatches of
-  ``total_batch_size`` rows and averages gradients (we reuse it).
+  ``total_batch_size`` rows and averages gradients (the trainer uses it as is).
 * Checkpoints: ``save_directory/model_name/run-<step>/`` every ``save_steps``; with
   ``resume_if_possible`` the base ``__init__`` reloads the latest one (``find_latest_checkpoint``)
   with ``model_task=model.model_task``; a FAILED reload only logs a warning and starts fresh,
@@ -152,7 +152,7 @@ def _logger() -> Any:
 
 @contextlib.contextmanager
 def _resume_exactly(checkpoint: Path | None) -> Iterator[None]:
-    """Make easydel resume from ``checkpoint`` (our verified choice) and nothing else.
+    """Make easydel resume from ``checkpoint`` (the one this module verified) and nothing else.
 
     easydel 0.3.0 resumes from eformer's ``find_latest_checkpoint``, which takes the newest folder holding
     a ``metadata.json`` by its timestamp: a half-written ``run-<step>`` or one the user moved aside as
@@ -219,7 +219,7 @@ class DFlashTrainer(_trainer_base()):  # type: ignore[misc]
             self._evaluators[id(eval_set)] = HeldoutEvaluator(
                 self.model_state, eval_set, embed=self.frozen_embed, lm_head=self.frozen_lm_head,
                 batch_sharding=self.batch_sharding, graph_shardings=self.state_shardings.graphstate,
-                table_sharding=NamedSharding(self.model.mesh, P("tp", None)),
+                table_sharding=NamedSharding(self.model.mesh, FROZEN_TABLE_SPEC),
                 loss_kwargs=dict(mesh=self.model.mesh, mask_token_id=self.mask_token_id, weights=self.loss_weights,
                                  vocab_chunk_size=self.vocab_chunk_size),
                 top=self.eval_top if eval_set is self.eval_set else None)
@@ -687,7 +687,7 @@ def _claim_run_folder(s: DFlashTrainingSettings, draft_config: Any, ds: DFlashCa
         if lock is not None:
             lock.release()
         if not existed and is_main_process():
-            shutil.rmtree(run_dir, ignore_errors=True)  # only our lock file: leave no trace of a refused run
+            shutil.rmtree(run_dir, ignore_errors=True)  # only this run's lock file: leave no trace of a refused run
         raise
     return lock, resume_from
 

@@ -23,12 +23,10 @@ import numpy as np
 
 def _params(graphstate: Any) -> dict[tuple[str, ...], Any]:
     """``{path: array}`` of a state's parameters, gathered to every process (a collective past one)."""
-    from flax import nnx
-    from jax.experimental import multihost_utils
+    from dflash_gptoss.distributed import gather_to_host
+    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
 
-    flat = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(graphstate)}
-    return {k: v if v.is_fully_addressable else multihost_utils.process_allgather(v, tiled=True)
-            for k, v in flat.items()}
+    return gather_to_host(param_arrays(graphstate))
 
 
 def _check_blocks(trainer: Any, max_blocks: int) -> tuple[Any, Any, str]:

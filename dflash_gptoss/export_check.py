@@ -15,7 +15,6 @@ the mean by at most (B-1)/blocks, 0.007 at 1024 blocks, below the 0.02 bound.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,3 @@ def check_export(export_dir: str | Path, snapshot_dir: str | Path, cache: Any, b
             "Nothing was exported.")
     return result
 
-
-def read_check(export_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(export_dir) / CHECK_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -46,7 +46,7 @@ def check_export_dir(out_dir: str | Path) -> Path:
 
     Accepted: a path that does not exist yet (under a writable folder), an empty folder, or an
     earlier DFlash draft folder (replaced as a whole). Refused: a file, a folder holding anything
-    else (overwriting it would destroy data that is not ours), a place where no file can be created
+    else (overwriting it would destroy data that is not a draft), a place where no file can be created
     (``preflight``'s real write probe: permission bits say nothing for root or a read-only mount).
     Costs a few ``stat`` calls and one probe file; no torch, no JAX.
     """
@@ -126,23 +126,19 @@ def torch_name(path: tuple[str, ...]) -> str:
 
 def _host_array(value: Any) -> np.ndarray:
     """A full float32 host copy of a (possibly sharded, possibly multi-host) array."""
-    import jax
+    from dflash_gptoss.distributed import gather_to_host
 
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(value, dtype=np.float32)
+    return np.asarray(gather_to_host(value), dtype=np.float32)
 
 
 def _flat_params(model_or_params: Any) -> dict[tuple[str, ...], Any]:
     """``{path: array}`` from an nnx module, an ``nnx.State`` or an already flat mapping."""
     from flax import nnx
 
-    if isinstance(model_or_params, nnx.Module):
-        model_or_params = nnx.state(model_or_params, nnx.Param)
-    if isinstance(model_or_params, nnx.State):
-        return {tuple(str(p) for p in path): var[...] for path, var in nnx.to_flat_state(model_or_params)}
+    from dflash_gptoss.easydel_dflash_draft_model import param_arrays
+
+    if isinstance(model_or_params, nnx.Module | nnx.State):
+        return param_arrays(model_or_params)
     if isinstance(model_or_params, Mapping):
         return {tuple(str(p) for p in k) if isinstance(k, tuple) else tuple(k.split("/")): v
                 for k, v in model_or_params.items()}

@@ -1,4 +1,4 @@
-"""The DFlash draft for GPT-OSS in PyTorch (DESIGN.md, "How DFlash works").
+"""The DFlash draft for GPT-OSS in PyTorch (docs/design.md, "How DFlash works").
 
 The draft drafts a whole block at once:
 
@@ -124,7 +124,7 @@ class DFlashDraftModel(PreTrainedModel):
     _no_split_modules = ["DFlashDecoderLayer"]
 
     def __init__(self, config: DFlashDraftConfig):
-        if not isinstance(config, DFlashDraftConfig):  # e.g. a plain Qwen3Config: keep what it says, write ours
+        if not isinstance(config, DFlashDraftConfig):  # e.g. a plain Qwen3Config: keep what it says, write this class's
             config = DFlashDraftConfig.from_dict(config.to_dict())
         if not is_draft_config_dict(config.to_dict()):
             raise ValueError("this config is not a DFlash draft config (it needs block_size and a dflash_config "

@@ -1,7 +1,7 @@
 """Where easydel 0.3.0's GPT-OSS differs from transformers 5.5, and the corrections (one place).
 
 The JAX teacher must compute exactly what transformers' ``GptOssForCausalLM`` computes (see
-DESIGN.md, "The JAX teacher must equal the torch target"). Each difference found in easydel
+docs/design.md, "The JAX teacher must equal the torch target"). Each difference found in easydel
 0.3.0 is corrected here, by configuration where easydel offers an option and otherwise by a
 narrow runtime patch of one method of one GPT-OSS class, installed when this module is
 imported. Every correction has a name in :data:`ALL_FIXES`; a model built with a subset
@@ -10,7 +10,7 @@ how the tests show that each difference is real and that its correction removes 
 
 | name               | easydel 0.3.0 (stock)                                   | correction                     |
 |--------------------|---------------------------------------------------------|--------------------------------|
-| (load dtype)       | torch-weight loading builds the torch model in float16  | we read safetensors ourselves   |
+| (load dtype)       | torch-weight loading builds the torch model in float16  | safetensors are read directly   |
 | ``attn_dtype``     | attention activations in bf16 (``attn_dtype`` default)  | config: ``attn_dtype=dtype``    |
 | ``moe_dtype``      | ``GptOssMLP`` never sets ``self.dtype``; the MoE base   | patch ``GptOssMLP.__init__``    |
 |                    | class falls back to bf16 compute                        |                                |
@@ -193,7 +193,8 @@ def _iter_state_dict(snapshot_dir: Path):
                 yield key, f.get_tensor(key)
 
 
-EASYDEL_MESH_AXES = ("dp", "fsdp", "ep", "tp", "sp")
+from dflash_gptoss.mesh import EASYDEL_MESH_AXES  # noqa: E402  (re-exported: the planner and the loaders use it)
+
 """easydel's mesh axis names; ``dp`` x ``tp`` fill ``(dp, 1, 1, tp, 1)`` (fsdp, ep, sp unused)."""
 
 

@@ -19,22 +19,17 @@ from typing import Any
 
 import numpy as np
 
+from dflash_gptoss.mesh import DP
+
 _DTYPES = ("float32", "bfloat16")
 
 
 def read_snapshot_config(snapshot_dir: str | Path) -> dict[str, Any]:
     """Validated ``config.json`` of a GPT-OSS snapshot folder (ValueError otherwise)."""
-    path = Path(snapshot_dir)
-    if not path.is_dir():
-        raise ValueError(f"teacher snapshot dir {str(path)!r} does not exist; pass a folder holding "
-                         "config.json and model.safetensors (a Hugging Face snapshot)")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"teacher snapshot dir {str(path)!r} has no config.json; pass a Hugging Face "
-                         "snapshot folder")
     from dflash_gptoss.teacher_snapshot import read_config
 
-    cfg = read_config(path)
+    path = Path(snapshot_dir)
+    cfg = read_config(path)  # SnapshotError (a ValueError) names the folder or config.json:line:col
     if not sorted(path.glob("*.safetensors")):
         raise ValueError(f"snapshot {str(path)!r} holds no *.safetensors weights")
     return cfg
@@ -82,8 +77,8 @@ def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: An
 
     layer_ids = tuple(int(i) for i in layer_ids)
     out_dtype = jnp.float32 if dtype == "float32" else jnp.bfloat16
-    ids_sharding = NamedSharding(mesh, PartitionSpec("dp", None))
-    feat_sharding = NamedSharding(mesh, PartitionSpec("dp", None, None))
+    ids_sharding = NamedSharding(mesh, PartitionSpec(DP, None))
+    feat_sharding = NamedSharding(mesh, PartitionSpec(DP, None, None))
 
     def _fwd(state, input_ids):
         model = nnx.merge(graphdef, state)
@@ -92,7 +87,7 @@ def teacher_forward_fn(graphdef: Any, layer_ids: list[int], dtype: str, mesh: An
         labels = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
         return features, labels, jnp.stack([_layer_stats(f.astype(out_dtype)) for f in feats], axis=1)
 
-    stats_sharding = NamedSharding(mesh, PartitionSpec("dp", None, None))
+    stats_sharding = NamedSharding(mesh, PartitionSpec(DP, None, None))
     return jax.jit(_fwd, out_shardings=(feat_sharding, ids_sharding, stats_sharding)), ids_sharding
 
 
@@ -109,11 +104,9 @@ def _layer_stats(feature: Any) -> Any:
 
 def _to_host(x: Any) -> np.ndarray:
     """A global array as numpy on every process (a collective past one host)."""
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
+    from dflash_gptoss.distributed import gather_to_host
 
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
+    return np.asarray(gather_to_host(x))
 
 
 class JaxTeacher:
@@ -235,10 +228,6 @@ class JaxTeacher:
     def embed(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of the frozen input embedding table (float32), e.g. for anchor embeddings."""
         if self._embedding is None:
-            table = self.model.model.embed_tokens.embedding[...]
-            if not table.is_fully_addressable:  # past one host: a collective, every process fetches it once
-                from jax.experimental import multihost_utils
-
-                table = multihost_utils.process_allgather(table, tiled=True)
-            self._embedding = np.asarray(table, dtype=np.float32)
+            table = self.model.model.embed_tokens.embedding[...]  # past one host: fetched once, by all
+            self._embedding = np.asarray(_to_host(table), dtype=np.float32)
         return self._embedding[np.asarray(token_ids, dtype=np.int64)]

@@ -1,6 +1,6 @@
 """The torch target (teacher) at inference: loading and one forward with features.
 
-Two facts from transformers 5.5 shape this module (DESIGN.md, "GPT-OSS specifics"):
+Two facts from transformers 5.5 shape this module (docs/design.md, "GPT-OSS specifics"):
 
 * ``DynamicCache(config=...)``, which the model builds when no cache is passed,
   keeps only the window for sliding layers and cannot be cropped once the
@@ -63,7 +63,7 @@ def load_target(snapshot_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     """The frozen GPT-OSS target in eval mode on ``device``.
 
     The real gpt-oss snapshots store experts in MXFP4; they are dequantized to
-    ``dtype`` at load, so the benchmark measures the bf16 model DESIGN.md names.
+    ``dtype`` at load, so the benchmark measures the bf16 model of docs/design.md, "Benchmark and scale-out".
     """
     path = check_gpt_oss_snapshot(snapshot_dir)
     kwargs = {}

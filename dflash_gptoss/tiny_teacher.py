@@ -14,7 +14,6 @@ machine (per spec fingerprint) under a file lock.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -396,18 +395,6 @@ def is_complete(snapshot: Path) -> bool:
     return (snapshot / REPORT_NAME).is_file() and (snapshot / "model.safetensors").is_file()
 
 
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` so two processes never build the same snapshot at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_tiny_teacher(
     root: Path | None = None,
     *,
@@ -428,8 +415,10 @@ def ensure_tiny_teacher(
     final = base / name
     if is_complete(final) and not force:
         return final
-    with _file_lock(base / f".{name}.lock"):
-        if is_complete(final) and not force:  # another process built it while we waited
+    from dflash_gptoss.run_safety.job_lock import acquire
+
+    with acquire(base, "tiny teacher build", wait=True):  # a second builder waits, then reuses the snapshot
+        if is_complete(final) and not force:  # another process built it during the wait
             return final
         for stale in base.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)

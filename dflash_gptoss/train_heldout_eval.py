@@ -334,13 +334,12 @@ class HeldoutEvaluator:
     def score(self, graphstate: Any) -> tuple[float, np.ndarray, np.ndarray]:
         """(loss over the real blocks, per-slot correctness and argmax proposals ``[blocks, B-1]`` in
         :attr:`EvalSet.blocks` order)."""
-        from jax.experimental import multihost_utils
+        from dflash_gptoss.distributed import gather_to_host
 
         losses, weights, rows, preds = [], [], [], []
         for batch in self.eval_set.batches:
             loss, correct, pred = self._score(graphstate, self._device_batch(batch), self.embed, self.lm_head)
-            if not correct.is_fully_addressable:
-                correct, pred = multihost_utils.process_allgather((correct, pred), tiled=True)
+            correct, pred = gather_to_host((correct, pred))
             w = batch["anchor_weights"]
             losses.append(float(loss))
             weights.append(float(w.sum()))

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from dflash_gptoss.mesh import DP, TP
+
 __all__ = ["chunked_sharded_cross_entropy", "dense_cross_entropy"]
 
 
@@ -228,8 +230,8 @@ def chunked_sharded_cross_entropy(
     *,
     mesh: Mesh,
     vocab_chunk_size: int,
-    dp_axis: str = "dp",
-    tp_axis: str = "tp",
+    dp_axis: str = DP,
+    tp_axis: str = TP,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact per-row softmax cross-entropy and full-vocab argmax, never building ``[N, V]`` logits.
 

@@ -20,6 +20,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dflash_gptoss.mesh import DP, TP
+
 
 def default_loss_decay_gamma(block_size: int) -> float:
     """The published recipes' decay: gamma 4 for block 8, 7 for block 16 (and above)."""
@@ -37,7 +39,7 @@ def resolve_loss_decay_gamma(gamma: float | None, block_size: int) -> float:
 def slot_weights(block_size: int, gamma: float) -> np.ndarray:
     """Loss weight of slots 1..B-1: ``exp(-(k-1)/gamma)``; ``gamma == 0`` means uniform.
 
-    Earlier slots weigh more because acceptance stops at the first miss (DESIGN.md).
+    Earlier slots weigh more because acceptance stops at the first miss (docs/design.md, "How DFlash works").
     """
     k = np.arange(1, block_size, dtype=np.float64)
     if gamma < 0:
@@ -82,7 +84,7 @@ def dflash_loss_and_metrics(
     labels = target_ids[..., 1:].astype(jnp.int32)
     nll, pred = chunked_sharded_cross_entropy(
         hidden[:, :, 1:, :].reshape(-1, h), lm_head, labels.reshape(-1), mesh=mesh,
-        vocab_chunk_size=vocab_chunk_size, dp_axis="dp", tp_axis="tp",
+        vocab_chunk_size=vocab_chunk_size, dp_axis=DP, tp_axis=TP,
     )
     nll = nll.reshape(b, nb, bs - 1)
     correct = (pred.reshape(b, nb, bs - 1) == labels).astype(jnp.float32)
@@ -174,7 +176,7 @@ def dflash_training_step(
     )
 
     _, minibatch_size, _ = make_assertions_and_get_sizes(
-        batch=batch, gradient_accumulation_steps=gradient_accumulation_steps, batch_partition_spec=P("dp"))
+        batch=batch, gradient_accumulation_steps=gradient_accumulation_steps, batch_partition_spec=BATCH_SPEC)
 
     def loss_fn(tree: Any, minibatch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
         loss, m = dflash_batch_loss(state.merge(tree), minibatch, embed, lm_head, mesh=mesh,
@@ -192,9 +194,9 @@ def dflash_training_step(
     return state, metrics
 
 
-FROZEN_TABLE_SPEC = P("tp", None)
+FROZEN_TABLE_SPEC = P(TP, None)
 """``embed_tokens`` / ``lm_head`` ``[V, H]``: vocab rows over tp (the chunked CE reads its shard)."""
-BATCH_SPEC = P("dp")
+BATCH_SPEC = P(DP)
 """Every batch array: rows over dp."""
 
 

@@ -10,7 +10,8 @@
 # Each step prints its wall time and peak RSS ([measure] lines) and the end prints them all; they land
 # in $REH_DIR/steps.jsonl. A benchmark, not a test: the weights are random, so acceptance means nothing;
 # what it shows is that every program runs at the real widths, and what each step costs in time and
-# host memory. Last run: see README ("Rehearsal at the real widths"; ~35 min on a shared 2-core CPU).
+# host memory. Last run: see artifacts/tpu_plan/README.md ("Rehearsal at the real widths (CPU, random weights)";
+# ~35 min on a shared 2-core CPU).
 # Needs ~3 GB of disk for the snapshot and ~22 GB of RAM at its peak (measured: the cache build and the
 # training step). Work files go to $REH_DIR (default runs/rehearsal); the snapshot and the teacher data
 # are reused when they exist (REH_FRESH=1 rewrites them).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Print the README's TPU-plan table from plan JSON files (``--plan-json`` output), one row per plan.
+"""Print the TPU-plan table (artifacts/tpu_plan/README.md) from ``--plan-json`` files, one row per plan.
 
   python scripts/tpu_plan_table.py artifacts/tpu_plan/*.json
 A file holding {"cache": ..., "train": ...} (scripts/plan_tpu_run.py) gives one row per step;

@@ -208,6 +208,7 @@ def _array_files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.npy"))}
 
 
+@pytest.mark.slow  # a real builder process, killed and resumed (~50 s)
 def test_sigkill_then_resume_is_byte_identical(snapshot, data, teacher, tmp_path: Path) -> None:
     n, out = 120, tmp_path / "killed"  # 30 chunks of ~50 ms after compile: room to kill mid-build
     proc = subprocess.Popen(

@@ -119,7 +119,7 @@ def test_stop_token_ends_both_loops_at_the_same_place(setup):
 
 
 def test_config_built_cache_cannot_roll_back_past_the_window(tiny_teacher_dir, setup):
-    """Why the loops build DynamicCache() themselves (DESIGN.md): the model's default cache refuses the crop."""
+    """Why the loops build DynamicCache() themselves (docs/design.md, "GPT-OSS specifics"): the default can't crop."""
     model, _, prompts, _, _, _ = setup
     cache = DynamicCache(config=model.config)
     model(torch.tensor([prompts[0] + prompts[1]]), past_key_values=cache, use_cache=True)

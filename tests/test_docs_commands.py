@@ -48,11 +48,24 @@ def _logical_lines(text: str) -> list[tuple[int, str, bool]]:
     return out
 
 
+ASSIGNMENT = re.compile(r"^\s*([A-Z][A-Z0-9_]*)=(\"[^\"$]*\"|'[^'$]*')\s*(?:#.*)?$")
+"""``NAME="flags"`` in a fenced block: a doc writes a flag set once and uses it as ``$NAME``."""
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    return re.sub(r"\$\{?([A-Z][A-Z0-9_]*)\}?", lambda m: variables.get(m.group(1), m.group(0)), text)
+
+
 def documented_commands() -> list[tuple[str, str, list[str]]]:
     """(where, script, argv) for every documented command."""
     found = []
     for doc in DOCS:
+        variables: dict[str, str] = {}
         for number, line, fenced in _logical_lines(doc.read_text()):
+            if fenced and (m := ASSIGNMENT.match(line)):
+                variables[m.group(1)] = m.group(2)[1:-1]
+                continue
+            line = _expand(line, variables) if fenced else line
             pieces = [line] if fenced else re.findall(r"`([^`]*python3? scripts/[^`]*)`", line)
             for piece in pieces:
                 for m in COMMAND.finditer(piece):

@@ -1,4 +1,4 @@
-"""Drafts that load everywhere, proven by loading (issue 10 item 3; ``../shared/INTEROP.md``).
+"""Drafts that load everywhere, proven by loading (``docs/interop.md``, "What the tests prove, and what they do not").
 
 * every saved/exported folder loads with ``AutoModel.from_pretrained(folder, trust_remote_code=True)``
   in a Python where dflash_gptoss cannot be imported, and gives bit-identical outputs;
@@ -110,7 +110,7 @@ def _assert_same_draft(got: dict, draft: DFlashDraftModel, expected: torch.Tenso
     assert got["model_module"].startswith("transformers_modules."), got["model_module"]  # the folder's copy
     assert (got["model_class"], got["config_class"]) == ("DFlashDraftModel", "DFlashDraftConfig")
     assert torch.equal(got["out"], expected), (got["out"] - expected).abs().max()
-    # A loader without our code (plain Qwen3Config, as engines read the folder) gets our exact RoPE.
+    # A loader without this package (plain Qwen3Config, as engines read the folder) gets the draft's exact RoPE.
     assert torch.equal(got["plain_inv_freq"], draft.rotary_emb.inv_freq)
     assert got["plain_scaling"] == draft.rotary_emb.attention_scaling
 
@@ -160,7 +160,7 @@ def test_folder_loads_on_transformers_4x(tmp_path):
 
 
 def test_legacy_rope_keys_alone_build_our_rotary_embedding(tmp_path):
-    """transformers 4.x reads ``rope_theta`` + ``rope_scaling`` only; they must give our exact RoPE."""
+    """transformers 4.x reads ``rope_theta`` + ``rope_scaling`` only; they must give the draft's exact RoPE."""
     draft = _tiny_draft(head_dim=64, rope_parameters=dict(GPT_OSS_20B_ROPE), max_position_embeddings=131072)
     draft.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
@@ -188,7 +188,7 @@ def test_legacy_rope_keys_alone_build_our_rotary_embedding(tmp_path):
 
 
 def _published_layout_folder(folder: Path, target_config, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A draft written the way the published gpt-oss draft is (per INTEROP.md), random weights.
+    """A draft written the way the published gpt-oss draft is (per docs/interop.md), random weights.
 
     transformers-4.57 style ``config.json`` (``rope_theta`` + ``rope_scaling``, no ``rope_parameters``),
     z-lab's ``auto_map``, ``attention_bias: true`` and q/k/v/o ``.bias`` tensors.

@@ -1,4 +1,4 @@
-"""The JAX teacher (easydel GPT-OSS + our corrections) equals transformers' GptOssForCausalLM.
+"""The JAX teacher (easydel GPT-OSS + the corrections) equals transformers' GptOssForCausalLM.
 
 A tiny random GPT-OSS (6 layers, sliding window 32, sinks, YaRN, 4 experts top-2) with its
 router scaled so routing weights are far from uniform, float32 on a dp=2 x tp=4 CPU mesh,
@@ -22,7 +22,7 @@ T = 96
 BATCH = 4
 LAYER_IDS = [1, 3, 5]  # includes the last layer, whose raw output easydel never exposes
 ATOL_F32 = 1e-5  # max abs diff of the 2-layer ablation model's features (float32 noise there: 2e-7)
-# Float32 parity of the deep model is judged against float64 truth (transformers in float64): our JAX
+# Float32 parity of the deep model is judged against float64 truth (transformers in float64): the JAX
 # float32 forward may be off the truth by at most NOISE_FACTOR times transformers' own float32 error.
 # Two float32 implementations summing in different (equally valid) orders -- tp-sharded partial
 # sums, fused vs unfused matmuls -- have rounding errors of the same size; the max over ~10^6
@@ -240,7 +240,7 @@ def test_each_correction_is_needed(small, fixed_diff, fix):
 
 
 def test_easydel_torch_loader_defaults_to_float16(snapshot):
-    """Hypothesis 1: easydel's torch path ("full" mode, the default) builds the torch model in float16."""
+    """Difference 1 (docs/design.md): easydel's torch path ("full" mode, the default) builds the model in float16."""
     from easydel.modules.gpt_oss import GptOssConfig as EdConfig
     from easydel.modules.gpt_oss import GptOssForCausalLM as EdModel
     from safetensors import safe_open
@@ -257,7 +257,7 @@ def test_easydel_torch_loader_defaults_to_float16(snapshot):
 
 
 def test_rope_table_stock_vs_fixed(snapshot):
-    """Hypothesis 5 in isolation: stock table is bf16 (and uses the rounded YaRN range); ours is exact."""
+    """Difference 5 in isolation: stock table is bf16 (and uses the rounded YaRN range); the corrected one is exact."""
     import jax.numpy as jnp
     from easydel.modules.gpt_oss import GptOssConfig as EdConfig
 

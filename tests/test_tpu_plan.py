@@ -2,7 +2,7 @@
 
 What is checked, and why:
 * the builder's and the trainer's ``--plan-tpu`` compile their own step for ``v5litepod-8`` from a
-  folder holding only ``config.json`` (no weights), report the JSON keys the issue names, and write
+  folder holding only ``config.json`` (no weights), report the JSON keys of ``REQUIRED_KEYS``, and write
   nothing but the plan;
 * the compiler's per-chip argument bytes equal the arithmetic of the draft's parameters, AdamW's
   two moments, the dp-shard of the batch and the tp-shards of the two frozen tables (within 1%:
@@ -141,7 +141,7 @@ def test_cache_plan_compiles_the_builders_forward(cache_plan) -> None:
     # the float32 teacher runs at Precision.HIGHEST: six bf16 passes per product in the time estimate
     assert p["matmul_passes"] == 6 and np.isclose(
         p["estimated_seconds"], 8 * 6 * p["flops_per_step_per_chip"] / (p["mfu"] * p["peak_flops_per_chip"]))
-    # the README's table recomputes the hours from the JSON with the same rule (also for plans without the field)
+    # scripts/tpu_plan_table.py recomputes the hours from the JSON with the same rule (also for plans without the field)
     from dflash_gptoss.planning.cli import estimated_hours
 
     old_plan = {k: v for k, v in p.items() if k != "matmul_passes"}

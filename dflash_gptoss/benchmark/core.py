@@ -84,8 +84,8 @@ from dflash_gptoss.run_safety.report_stem import Stem, reserve, still_ours
 from dflash_gptoss.teacher_torch import TargetRunner, new_target_cache
 
 # Repeats per prompt and loop when --repeats is not given. CPU: 3, the fewest whose median outvotes one
-# disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, not yet measured here (no GPU
-# in the session that chose it): a GPU held by one job is not time-sliced, so its repeats should agree
+# disturbed repeat, on a machine whose other cores run other jobs. CUDA: 2, chosen without a GPU at hand
+# to measure it: a GPU held by one job is not time-sliced, so its repeats should agree
 # closely and a third costs minutes per repeat on gpt-oss-20b; 2 still measure the spread, so the noisy
 # flag says when that expectation fails (then pass --repeats 3).
 DEFAULT_REPEATS = {"cpu": 3, "cuda": 2}
@@ -366,7 +366,7 @@ def run_benchmark(
     teacher_label: str,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run baseline and DFlash on every prompt, interleaved, ``repeats`` times; the report DESIGN.md asks for."""
+    """Baseline and DFlash on every prompt, interleaved, ``repeats`` times (docs/benchmark.md, "What it reports")."""
     settings.validate()
     if not prompts:
         raise ValueError("no prompts to benchmark.")

@@ -4,7 +4,7 @@ A Cloud TPU accelerator type (``v5litepod-8``, ``v4-8``, ...) maps to the topolo
 ``jax.experimental.topologies.get_topology_desc`` understands, plus the chip config. The
 device counts are what JAX sees: v4 and v5p run in *megacore* mode, one JAX device per chip
 (two TensorCores fused), so a ``v4-8`` (8 TensorCores) is 4 devices and a dp=2 x tp=4 mesh
-needs a ``v4-16``. Measured facts behind every row: ``../shared/TPU_PLAN.md``.
+needs a ``v4-16``. Measured facts behind every row: ``docs/tpu_planning.md``, "Topologies and meshes".
 
 Two HBM figures per chip: the nominal one from the Cloud TPU documentation and the usable
 one that libtpu's compiler reports ("Used X of Y hbm" when a program does not fit; measured

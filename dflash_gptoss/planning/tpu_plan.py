@@ -121,10 +121,12 @@ def validate_plan_request(topology: str, *, dp: int, tp: int, mfu: float, batch:
     if batch % dp:
         raise PlanInputError(f"{batch_flag} {batch} is not divisible by --dp {dp}: the batch is sharded over dp; "
                              f"use a multiple of {dp}")
-    cfg = json.loads((config_dir / "config.json").read_text())
-    if cfg.get("model_type") != "gpt_oss":
-        raise PlanInputError(f"{config_dir / 'config.json'} has model_type={cfg.get('model_type')!r}; the teacher "
-                             "must be a GPT-OSS model (or a preset: gpt-oss-20b, gpt-oss-120b)")
+    from dflash_gptoss.teacher_snapshot import SnapshotError, read_config
+
+    try:
+        read_config(config_dir)  # parses, GPT-OSS, the sizes a plan reads (config.json alone is enough here)
+    except SnapshotError as exc:
+        raise PlanInputError(f"{exc} (or name a preset: gpt-oss-20b, gpt-oss-120b)") from exc
     return topo, config_dir
 
 
@@ -288,7 +290,7 @@ def _assemble(step: str, topo: TpuTopology, dp: int, tp: int, settings: dict[str
     """
     memory: dict[str, Any] = {"peak": None, "temporaries": None, **result.memory}
     if not result.fits:
-        memory.setdefault("arguments", sum(breakdown.values()))  # our arithmetic where the compiler did not say
+        memory.setdefault("arguments", sum(breakdown.values()))  # the planner's sum where the compiler did not say
     memory["arguments_breakdown"] = breakdown
     per_step = None if result.flops is None else result.flops * passes / (mfu * topo.chip.peak_bf16_flops)
     plan = StepPlan(

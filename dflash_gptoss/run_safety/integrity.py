@@ -25,6 +25,7 @@ every weight, so the samples tell them apart; reading 13 GB to say so would cost
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -35,7 +36,6 @@ from typing import Any
 MANIFEST_NAME = "dflash_manifest.json"
 MANIFEST_FORMAT = "dflash-gptoss-manifest"
 MANIFEST_VERSION = 1
-HASH_CHUNK = 8 << 20
 AUTO_FULL_BYTES = 4 << 30
 """Caches up to this size are re-hashed in full when training starts (~3 s); larger ones get the size
 check there and a full check with ``scripts/dflash_verify.py``."""
@@ -48,14 +48,25 @@ class IntegrityError(ValueError):
 
 
 def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    """sha256 of a file, streamed in :data:`HASH_CHUNK` pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return h.hexdigest()
+    """sha256 of a file (``hashlib.file_digest``), reporting the bytes read to ``progress``."""
+    with open(path, "rb", buffering=0) as f:
+        return hashlib.file_digest(f if progress is None else _Counted(f, progress), "sha256").hexdigest()
+
+
+class _Counted(io.RawIOBase):
+    """A raw file that reports every read's size (for a progress bar over ``hashlib.file_digest``)."""
+
+    def __init__(self, raw: Any, progress: Callable[[int], None]) -> None:
+        self.raw, self.progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        if n:
+            self.progress(n)
+        return n
 
 
 def listed_files(root: Path, skip: tuple[str, ...] = ()) -> list[Path]:

@@ -100,8 +100,9 @@ def _describe(holder: dict[str, Any] | None) -> str:
             f"({holder.get('purpose')}: {holder.get('command')})")
 
 
-def acquire(directory: str | os.PathLike, purpose: str) -> DirLock:
-    """Take the folder's lock (creating the folder) or raise :class:`LockHeldError` at once."""
+def acquire(directory: str | os.PathLike, purpose: str, *, wait: bool = False) -> DirLock:
+    """Take the folder's lock (creating the folder) or raise :class:`LockHeldError` at once; with
+    ``wait``, block until the holder is done instead (for work that the next job may simply reuse)."""
     path = Path(directory).absolute()
     path.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
@@ -110,7 +111,7 @@ def acquire(directory: str | os.PathLike, purpose: str) -> DirLock:
         return _HELD[key]
     fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

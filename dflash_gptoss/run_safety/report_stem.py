@@ -114,7 +114,7 @@ def still_ours(stem: Stem) -> bool:
 
 
 def release(stem: Stem) -> None:
-    """Give the stem back after a run that wrote no report (its reservation is removed, if still ours)."""
+    """Give the stem back after a run that wrote no report (its reservation is removed, if this run still holds it)."""
     if still_ours(stem):
         stem.json_path.unlink(missing_ok=True)
 
