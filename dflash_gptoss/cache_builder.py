@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import shutil
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dflash_gptoss.bf16 import to_bf16_bits
 from dflash_gptoss.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -73,6 +69,7 @@ from dflash_gptoss.cache_input import (
     window_offsets,
 )
 from dflash_gptoss.cache_settings import DTYPES
+from dflash_gptoss.cache_writer import Chunk, ChunkWriter, RowFile, flush_arrays
 from dflash_gptoss.cli_types import check_positive_int
 from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.run_safety import stop_signals
@@ -455,129 +452,6 @@ def all_chunks(plan: BuildPlan, start: int = 0) -> list[int]:
     return list(range(start, plan.num_windows, plan.batch_size))
 
 
-@dataclass
-class _Chunk:
-    start: int  # first cache row of ``ids``/``features``/``labels`` (this process's rows of the chunk)
-    valid: int  # how many of those rows to write (0: another process writes every row of this chunk)
-    ids: np.ndarray
-    features: np.ndarray
-    labels: np.ndarray
-    anchor_embedding: np.ndarray | None
-    end: int  # the whole chunk's end row: the progress checkpoint once it is written
-    count: int  # windows in the whole chunk (progress bar)
-
-
-def write_chunk(plan: BuildPlan, arrays: dict[str, np.ndarray], c: _Chunk) -> None:
-    """Convert one teacher output chunk to the cache's dtypes and store it in the memmaps."""
-    rows = slice(c.start, c.start + c.valid)
-    C, n = plan.ctx_len, c.valid
-    if n == 0:
-        return
-    if plan.layout == "blocks":
-        arrays["context_features"][rows] = to_bf16_bits(c.features[:n, :C])
-        arrays["anchor_embedding"][rows] = to_bf16_bits(c.anchor_embedding[:n])
-        tgt = np.empty((n, plan.block_size), dtype=np.int32)
-        tgt[:, 0] = c.ids[:n, C]
-        tgt[:, 1:] = c.labels[:n, C : C + plan.block_size - 1]
-        arrays["target_ids"][rows] = tgt
-    else:
-        arrays["features"][rows] = to_bf16_bits(c.features[:n])
-        arrays["token_ids"][rows] = c.ids[:n]
-        arrays["labels"][rows] = c.labels[:n]
-        offs = plan.offsets[c.start: c.start + n]
-        arrays["response"][rows] = plan.response[offs[:, None] + np.arange(C)[None, :]]
-
-
-class _RowFile:
-    """One preallocated ``.npy`` of a multi-host build, written in place with positional writes.
-
-    Several hosts write disjoint rows of the same file; ``os.pwrite`` sends only those bytes,
-    where a memmap would write back whole pages and could overwrite a neighbouring host's rows
-    on a network filesystem. ``flush`` is an ``fsync``.
-    """
-
-    def __init__(self, path: Path, spec: ArraySpec) -> None:
-        self.offset = int(np.load(path, mmap_mode="r").offset)  # after the .npy header
-        self.dtype, self.shape = np.dtype(spec.dtype), tuple(spec.shape)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self.fd = os.open(path, os.O_WRONLY)
-
-    def __setitem__(self, rows: slice, value: np.ndarray) -> None:
-        data = np.ascontiguousarray(value, dtype=self.dtype)
-        if data.shape != (rows.stop - rows.start, *self.shape[1:]):
-            raise ValueError(f"rows {rows} of {self.shape} cannot take an array of shape {data.shape}.")
-        view, pos = memoryview(data.reshape(-1).view(np.uint8)), self.offset + rows.start * self.row_bytes
-        while view.nbytes:
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
-
-    def flush(self) -> None:
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def _flush(arrays: dict[str, Any]) -> None:
-    for a in arrays.values():
-        if isinstance(a, (np.memmap, _RowFile)):
-            a.flush()
-
-
-class _Writer:
-    """Writer thread: converts and stores chunks while the main thread runs the next forward.
-
-    A bounded queue (2 chunks) keeps host memory flat if writing is ever slower than
-    the teacher. After each chunk: flush the memmaps, then (one process) checkpoint progress.
-    Past one process the main thread checkpoints instead, after a barrier
-    (:func:`_checkpoint_shared`); ``wait_written`` lets it wait for this process's rows.
-    """
-
-    def __init__(self, plan: BuildPlan, arrays: dict[str, Any], on_chunk: Callable[[int], None], *,
-                 checkpoint: bool = True) -> None:
-        self.plan, self.arrays, self.on_chunk, self.checkpoint = plan, arrays, on_chunk, checkpoint
-        self.q: queue.Queue[_Chunk | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written_end = plan.start_window
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="dflash-cache-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (c := self.q.get()) is not None:
-            if self.error is not None:
-                continue  # drain so the producer never blocks after a failure
-            try:
-                write_chunk(self.plan, self.arrays, c)
-                _flush(self.arrays)
-                if self.checkpoint:
-                    write_progress(self.plan.out_dir, c.end, self.plan.num_windows)
-                self.on_chunk(c.count)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                self.error = e
-            with self.cond:
-                self.written_end = c.end
-                self.cond.notify_all()
-
-    def wait_written(self, end: int) -> None:
-        """Block until this process's rows of every chunk up to ``end`` are written and flushed."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.written_end >= end or self.error is not None)
-        if self.error is not None:
-            raise self.error
-
-    def put(self, c: _Chunk) -> None:
-        if self.error is not None:
-            raise self.error
-        self.q.put(c)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
     """Fresh build: delete stale files, create the arrays with their disk space reserved, then write meta
     (complete: false). Resume: reopen, and reserve whatever space the arrays still lack."""
@@ -591,7 +465,7 @@ def prepare_out_dir(plan: BuildPlan) -> dict[str, np.ndarray]:
     arrays = create_memmaps(plan.out_dir, plan.specs)  # InsufficientSpaceError before any teacher work
     write_json_atomic(plan.out_dir / META_FILE, plan.meta)
     arrays["window_offsets"][:] = plan.offsets
-    _flush(arrays)
+    flush_arrays(arrays)
     write_progress(plan.out_dir, 0, plan.num_windows)
     return arrays
 
@@ -658,12 +532,12 @@ def _prepare_shared(plan: BuildPlan) -> dict[str, Any]:
 
     sync("dflash-cache-planned")  # every process has read the out-dir before process 0 changes it
     if is_main_process():
-        _flush(prepare_out_dir(plan))
+        flush_arrays(prepare_out_dir(plan))
     sync("dflash-cache-prepared")
     error = None
     try:
         open_memmaps(plan.out_dir, plan.specs, mode="r")  # dtype/shape check
-        arrays = {name: _RowFile(plan.out_dir / spec.file, spec) for name, spec in plan.specs.items()}
+        arrays = {name: RowFile(plan.out_dir / spec.file, spec) for name, spec in plan.specs.items()}
     except (OSError, ValueError) as e:
         error, arrays = e, {}
     failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
@@ -675,7 +549,7 @@ def _prepare_shared(plan: BuildPlan) -> dict[str, Any]:
     return arrays
 
 
-def _checkpoint_shared(plan: BuildPlan, writer: _Writer, end: int) -> None:
+def _checkpoint_shared(plan: BuildPlan, writer: ChunkWriter, end: int) -> None:
     """Past one process: once EVERY process has written and flushed its rows below ``end``,
     process 0 records the progress checkpoint."""
     from dflash_gptoss.distributed import is_main_process, sync
@@ -738,7 +612,7 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         bar.update(n)
         bar.set_postfix(tok_s=f"{done[0] * plan.window_len / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-    writer = _Writer(plan, arrays, on_chunk, checkpoint=not multi)
+    writer = ChunkWriter(plan, arrays, on_chunk, checkpoint=not multi)
     totals = FeatureTotals(plan.num_windows, len(plan.layer_ids))
     pending = None  # multi-host: end of the last chunk handed to the writer, not yet checkpointed
     try:
@@ -761,7 +635,7 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
             emb = teacher.embed(ids[:, plan.ctx_len]) if plan.layout == "blocks" else None
             if pending is not None:  # the previous chunk was written while this forward ran
                 _checkpoint_shared(plan, writer, pending)
-            writer.put(_Chunk(start + lo, max(0, min(valid - lo, len(ids))), ids, features, labels, emb,
+            writer.put(Chunk(start + lo, max(0, min(valid - lo, len(ids))), ids, features, labels, emb,
                               end=start + valid, count=valid))
             pending = start + valid if multi else None
         if pending is not None:
@@ -773,7 +647,7 @@ def run_plan(plan: BuildPlan, teacher: Any, *, progress: bool = True,
         writer.close()
         bar.close()
     seconds = time.perf_counter() - t0
-    _flush(arrays)
+    flush_arrays(arrays)
     if multi:
         for a in arrays.values():
             a.close()

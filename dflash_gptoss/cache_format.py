@@ -220,7 +220,7 @@ def size_details(
 ) -> str:
     """The size formula with this build's numbers filled in (for the refusal message)."""
     C, B, K, H = ctx_len, block_size, num_context_features, hidden_size
-    per = f"{C}*{K}*{H}*2 + {H}*2 + {B}*4 + 8" if layout == "blocks" else f"{C}*{K}*{H}*2 + {C}*4*2 + 8"
+    per = f"{C}*{K}*{H}*2 + {H}*2 + {B}*4 + 8" if layout == "blocks" else f"{C}*{K}*{H}*2 + {C}*(4*2 + 1) + 8"
     n = cache_nbytes(layout, num_windows=num_windows, ctx_len=C, block_size=B, num_context_features=K, hidden_size=H)
     return f"{num_windows} * ({per}) + headers = {n} bytes"
 
