@@ -136,3 +136,18 @@ def test_a_wrong_flag_fails_the_check(monkeypatch) -> None:
     """The negative control: the same machinery refuses a flag that does not exist."""
     code, err = _parse_with_script(REPO / "scripts" / "dflash_verify.py", ["x", "--no-such-flag"], monkeypatch)
     assert code == 2 and "--no-such-flag" in err, err
+
+
+PATH_MENTION = re.compile(r"(?<![\w/.:-])((?:dflash_gptoss|scripts|tests|modal|docs|artifacts)/[\w./-]*\w)(?![<{\w])")
+"""A repository path (not part of a URL, not a pattern such as ``bench_<UTC>.json``)."""
+
+
+def test_every_path_the_docs_name_exists() -> None:
+    """A renamed module or a moved artifact leaves no dangling path in the README or docs/."""
+    missing = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for path in PATH_MENTION.findall(line):
+                if not (REPO / path).exists() and not list(REPO.glob(path + "*")):
+                    missing.append(f"{doc.relative_to(REPO)}:{number}: {path}")
+    assert not missing, "\n".join(missing)
