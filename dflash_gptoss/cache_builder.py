@@ -68,9 +68,9 @@ from dflash_gptoss.cache_input import (
     load_token_stream,
     window_offsets,
 )
-from dflash_gptoss.cache_settings import DTYPES
+from dflash_gptoss.cache_settings import DTYPES, CacheBuildSettings
 from dflash_gptoss.cache_writer import Chunk, ChunkWriter, RowFile, flush_arrays
-from dflash_gptoss.cli_types import check_positive_int
+from dflash_gptoss.cli_types import check_positive_int, setting_default
 from dflash_gptoss.draft_config import target_layer_ids
 from dflash_gptoss.run_safety import stop_signals
 from dflash_gptoss.run_safety.integrity import MANIFEST_NAME
@@ -321,6 +321,10 @@ def _fingerprint(snapshot_dir: Path) -> str | None:
         raise CacheBuildError(f"--model-snapshot-dir {snapshot_dir}: {e}") from e
 
 
+_DEFAULT = {name: setting_default(CacheBuildSettings, name) for name in ("layout", "seed", "dp", "tp", "dtype")}
+"""The builder's defaults, from its settings (one definition for the flags and the library)."""
+
+
 def plan_teacher_cache(
     model_snapshot_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -330,12 +334,12 @@ def plan_teacher_cache(
     num_context_features: int,
     num_blocks: int,
     batch_size: int,
-    layout: str = "blocks",
+    layout: str = _DEFAULT["layout"],
     data: str | os.PathLike | None = None,
-    seed: int = 0,
-    dp: int = 1,
-    tp: int = 1,
-    dtype: str = "float32",
+    seed: int = _DEFAULT["seed"],
+    dp: int = _DEFAULT["dp"],
+    tp: int = _DEFAULT["tp"],
+    dtype: str = _DEFAULT["dtype"],
     resume: bool = False,
     overwrite: bool = False,
     free_bytes: int | None = None,

@@ -73,6 +73,12 @@ def setting(default: Any = MISSING, *, help: str, type: Callable[[str], Any] | N
                                             "required": required or default is MISSING})
 
 
+def setting_default(cls: type, name: str) -> Any:
+    """The default of ``cls``'s field ``name``: library functions take their defaults from the settings
+    dataclass instead of writing them a second time."""
+    return cls.__dataclass_fields__[name].default
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 

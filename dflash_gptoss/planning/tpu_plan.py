@@ -367,8 +367,8 @@ def check_cache_request(model: str | Path, topology: str, *, ctx_len: int, block
 
 
 def plan_cache_step(model: str | Path, topology: str, *, ctx_len: int, block_size: int, num_context_features: int,
-                    num_blocks: int, batch_size: int, layout: str = "blocks", dp: int = 1, tp: int = 1,
-                    dtype: str = "float32", mfu: float = DEFAULT_MFU) -> StepPlan:
+                    num_blocks: int, batch_size: int, layout: str, dp: int, tp: int, dtype: str,
+                    mfu: float = DEFAULT_MFU) -> StepPlan:
     """Plan the cache build: compile the builder's teacher forward at its batch and window length."""
     from dflash_gptoss.cache_format import array_specs, cache_nbytes, window_len
 
