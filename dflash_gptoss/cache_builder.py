@@ -285,7 +285,7 @@ def _build_meta(
         "data": {
             "source": data_source,
             "num_tokens": int(tokens.size),
-            "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest(),
+            "tokens_sha256": hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest(),  # no copy of a memmap
             "window_sampling": "window i starts at offset i of np.random.default_rng(seed).integers("
             "0, num_tokens - window_len + 1, size=num_windows); documents joined with EOS",
         },

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,10 @@ def _check_doc(doc: Any, where: str) -> None:
         raise CacheBuildError(f"--data {where}: prompt_len={doc['prompt_len']!r} must be an integer.")
 
 
-def _read_jsonl_docs(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` of every non-blank line, each checked by :func:`_check_doc`."""
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every non-blank line, each checked by :func:`_check_doc`, one at a time."""
     if not path.is_file():
         raise CacheBuildError(f"--data {path} does not exist or is not a file.")
-    docs = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -98,49 +98,69 @@ def _read_jsonl_docs(path: Path) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise CacheBuildError(f"--data {path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
             _check_doc(doc, f"{path}:{lineno}")
-            docs.append((lineno, doc))
+            yield lineno, doc
+
+
+def _check_jsonl(path: Path) -> bool:
+    """Every record checked before anything is written (one pass, nothing kept): whether any is text."""
+    docs, has_text = 0, False
+    for _, doc in _jsonl_records(path):
+        docs += 1
+        has_text = has_text or "input_ids" not in doc
     if not docs:
         raise CacheBuildError(f"--data {path} holds no documents.")
-    return docs
+    return has_text
+
+
+def _token_records(data: Path, tokenizer: Any, vocab: int) -> Iterator[tuple[int, np.ndarray, int]]:
+    """The second pass: each record's token ids (range-checked) and its prompt length."""
+    for lineno, doc in _jsonl_records(data):
+        ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
+        lo, hi = min(ids, default=0), max(ids, default=0)
+        if lo < 0 or hi >= vocab:
+            raise CacheBuildError(f"--data {data}:{lineno}: token ids must lie in [0, {vocab}) (the teacher's "
+                                  f"vocabulary); found {lo}..{hi}.")
+        ids = np.asarray(ids, dtype=np.int64)
+        prompt_len = doc.get("prompt_len", 0)
+        if not 0 <= prompt_len <= ids.size:
+            raise CacheBuildError(f"--data {data}:{lineno}: prompt_len={prompt_len!r} must lie in [0, {ids.size}] "
+                                  "(the document's token count).")
+        yield lineno, ids, prompt_len
 
 
 def load_token_stream(
-    data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any]
+    data: str | os.PathLike | None, snapshot_dir: Path, cfg: dict[str, Any], *, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The data as one int32 token stream, every document followed by EOS, and its response flags.
 
     ``response`` (uint8, same length) is 0 on a document's first ``prompt_len`` tokens (a JSONL
     field; the teacher-generated data writes it) and 1 elsewhere, EOS included: prompts are
-    context, never anchors or labels. The default corpus is all response.
+    context, never anchors or labels. The default corpus is all response. A JSONL is tokenized once
+    into its token file (``data_tokens``) and read back memory-mapped: later runs on the same data
+    and tokenizer parse nothing.
     """
     if data is None or str(data) == DEFAULT_DATA:
         from dflash_gptoss import data_corpus
 
         tokens = data_corpus.token_stream(_load_tokenizer(snapshot_dir), "train")
-        response = np.ones(tokens.size, dtype=np.uint8)
-    else:
-        docs = _read_jsonl_docs(Path(data))
-        tokenizer = _load_tokenizer(snapshot_dir) if any("input_ids" not in d for _, d in docs) else None
-        eos = _eos_id(cfg, tokenizer)
-        vocab = int(cfg["vocab_size"])
-        pieces, flags = [], []
-        for lineno, doc in docs:
-            ids = doc["input_ids"] if "input_ids" in doc else tokenizer.encode(doc["text"], add_special_tokens=False)
-            lo, hi = min(ids, default=0), max(ids, default=0)
-            if lo < 0 or hi >= vocab:
-                raise CacheBuildError(f"--data {data}:{lineno}: token ids must lie in [0, {vocab}) (the teacher's "
-                                      f"vocabulary); found {lo}..{hi}.")
-            ids = np.asarray(ids, dtype=np.int64)
-            prompt_len = doc.get("prompt_len", 0)
-            if not 0 <= prompt_len <= ids.size:
-                raise CacheBuildError(f"--data {data}:{lineno}: prompt_len={prompt_len!r} must lie in [0, {ids.size}] "
-                                      "(the document's token count).")
-            pieces += [ids, np.asarray([eos], dtype=np.int64)]
-            flag = np.ones(ids.size + 1, dtype=np.uint8)
-            flag[:prompt_len] = 0
-            flags.append(flag)
-        tokens, response = np.concatenate(pieces), np.concatenate(flags)
-    return np.ascontiguousarray(tokens, dtype=np.int32), response
+        return np.ascontiguousarray(tokens, dtype=np.int32), np.ones(tokens.size, dtype=np.uint8)
+    from dflash_gptoss.data_tokens import TokenFileError, token_file_for
+
+    path = Path(data)
+    if not path.is_file():
+        raise CacheBuildError(f"--data {path} does not exist or is not a file.")
+    state: dict[str, Any] = {}
+
+    def records() -> Iterator[tuple[int, np.ndarray, int]]:
+        state["tokenizer"] = _load_tokenizer(snapshot_dir) if _check_jsonl(path) else None
+        return _token_records(path, state["tokenizer"], int(cfg["vocab_size"]))
+
+    try:
+        tf = token_file_for(path, snapshot_dir, cfg, records, eos_id=lambda: _eos_id(cfg, state.get("tokenizer")),
+                            progress=progress)
+    except TokenFileError as e:
+        raise CacheBuildError(str(e)) from e
+    return tf.tokens, tf.response
 
 
 def window_offsets(num_tokens: int, window: int, num_windows: int, seed: int,
