@@ -343,6 +343,7 @@ def plan_teacher_cache(
     resume: bool = False,
     overwrite: bool = False,
     free_bytes: int | None = None,
+    progress: bool = False,
 ) -> BuildPlan:
     """Validate every input (no jax, no teacher) and return what the build will do.
 
@@ -356,7 +357,7 @@ def plan_teacher_cache(
     cfg, layer_ids = check_build_geometry(snapshot, layout=layout, ctx_len=ctx_len, block_size=block_size,
                                           num_context_features=num_context_features, num_blocks=num_blocks,
                                           batch_size=batch_size, dp=dp, tp=tp, dtype=dtype)
-    tokens, response = load_token_stream(data, snapshot, cfg)
+    tokens, response = load_token_stream(data, snapshot, cfg, progress=progress)  # a bar when tokenizing
     wlen = window_len(layout, ctx_len, block_size)
     if tokens.size < wlen:
         raise CacheBuildError(

@@ -82,8 +82,6 @@ def _check_doc(doc: Any, where: str) -> None:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` of every non-blank line, each checked by :func:`_check_doc`, one at a time."""
-    if not path.is_file():
-        raise CacheBuildError(f"--data {path} does not exist or is not a file.")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:

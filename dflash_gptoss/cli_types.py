@@ -87,14 +87,13 @@ def cli_fields(cls: type) -> list[Any]:
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser | Any, cls: type, *,
-                           only: Iterable[str] | None = None, skip: Iterable[str] = (),
-                           optional: Iterable[str] = ()) -> None:
-    """One flag per :func:`setting` field of ``cls`` (``only`` / ``skip`` select; ``optional``
+                           only: Iterable[str] | None = None, optional: Iterable[str] = ()) -> None:
+    """One flag per :func:`setting` field of ``cls`` (``only`` selects; ``optional``
     names required fields that this parser lets the user leave out: they parse as ``None``)."""
     only = set(only) if only is not None else None
-    skip, optional = set(skip), set(optional)
+    optional = set(optional)
     for f in cli_fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
+        if only is not None and f.name not in only:
             continue
         meta, flag = f.metadata, flag_name(f.name)
         default = None if f.default is MISSING or f.name in optional else f.default

@@ -47,10 +47,6 @@ class TokenFile:
     response: np.ndarray
     doc_starts: np.ndarray
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.size)
-
 
 def token_file_dir(data: str | os.PathLike) -> Path:
     """Where the token file of ``data`` lives: ``<data>.tokens`` beside it."""
@@ -58,21 +54,19 @@ def token_file_dir(data: str | os.PathLike) -> Path:
     return data.with_name(data.name + ".tokens")
 
 
-def _sha256_of(path: Path) -> str:
-    from dflash_gptoss.run_safety.integrity import file_sha256
-
-    return file_sha256(path)
-
-
 def _tokenizer_id(snapshot_dir: Path) -> str | None:
     """sha256 of the snapshot's ``tokenizer.json`` (text records are tokenized with it), None when absent."""
+    from dflash_gptoss.run_safety.integrity import file_sha256
+
     path = snapshot_dir / "tokenizer.json"
-    return _sha256_of(path) if path.is_file() else None
+    return file_sha256(path) if path.is_file() else None
 
 
 def _source(data: Path, snapshot_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """What the token file is made from: a token file is valid only for exactly this."""
-    return {"data": str(data), "data_bytes": data.stat().st_size, "data_sha256": _sha256_of(data),
+    from dflash_gptoss.run_safety.integrity import file_sha256
+
+    return {"data": str(data), "data_bytes": data.stat().st_size, "data_sha256": file_sha256(data),
             "tokenizer_sha256": _tokenizer_id(snapshot_dir), "vocab_size": int(cfg["vocab_size"])}
 
 
@@ -122,10 +116,11 @@ def write_token_file(path: Path, records: Records, *, eos_id: int, source: dict[
                 doc = np.concatenate([ids.astype(np.int32), np.asarray([eos_id], np.int32)])
                 flags = np.ones(doc.size, np.uint8)
                 flags[:prompt_len] = 0
-                files["tokens"].write(doc.tobytes())
+                raw = doc.tobytes()
+                files["tokens"].write(raw)
                 files["response"].write(flags.tobytes())
                 files["doc_starts"].write(np.int64(num_tokens).tobytes())
-                digest.update(doc.tobytes())
+                digest.update(raw)
                 num_tokens, num_docs = num_tokens + doc.size, num_docs + 1
                 if progress is not None:
                     progress(doc.size)
@@ -135,8 +130,6 @@ def write_token_file(path: Path, records: Records, *, eos_id: int, source: dict[
         finally:
             for f in files.values():
                 f.close()
-        if num_docs == 0:
-            raise TokenFileError(f"--data {source['data']} holds no documents.")
         info = {"kind": KIND, "version": VERSION, "num_tokens": num_tokens, "num_docs": num_docs,
                 "eos_id": int(eos_id), "tokens_sha256": digest.hexdigest(), "source": source}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -181,7 +174,9 @@ def token_file_for(data: str | os.PathLike, snapshot_dir: Path, cfg: dict[str, A
                     shutil.rmtree(leftover, ignore_errors=True)
                 from tqdm.auto import tqdm
 
-                with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {data.name}", disable=not progress) as bar:
+                # disable=None: tqdm draws only on a terminal, so a log or a refusal's one error line stays clean
+                with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {data.name}",
+                          disable=None if progress else True) as bar:
                     write_token_file(path, stream, eos_id=eos, source=want, progress=bar.update)
         except BaseException:
             if {p.name for p in path.iterdir()} <= {LOCK_NAME}:

@@ -169,6 +169,23 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+MESSAGE_BYTES = 4096
+"""A message broadcast from process 0 is cut to this many UTF-8 bytes (errors, not data)."""
+
+
+def broadcast_message(message: str) -> str:
+    """Process 0's ``message`` on every process (a collective: every process calls it, in the same order).
+
+    A refusal decided on process 0 (a held lock, a failed export) must stop every process with the
+    same line; the other processes pass anything, usually ``""``.
+    """
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(message.encode()[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b"\0"), dtype=np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode(errors="replace")
+
+
 def gather_to_host(tree: Any) -> Any:
     """Every array of ``tree`` whole on every process (a collective past one host: every process must
     call it in the same order); arrays this process already holds in full are left as they are."""

@@ -18,8 +18,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 def _params(graphstate: Any) -> dict[tuple[str, ...], Any]:
     """``{path: array}`` of a state's parameters, gathered to every process (a collective past one)."""
@@ -88,10 +86,9 @@ def export_checked(trainer: Any, draft_config: Any, state: Any, export_dir: str 
         except NonFiniteWeightsError as e:  # refused before anything was written
             error = str(e)
     if is_multiprocess():
-        from jax.experimental import multihost_utils
+        from dflash_gptoss.distributed import broadcast_message
 
-        encoded = np.frombuffer(error.encode()[:4096].ljust(4096, b"\0"), dtype=np.uint8)
-        error = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode()
+        error = broadcast_message(error)
     if error:
         raise ExportCheckError(error)
     return {"export_dir": str(out), "exported_step": int(step),

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             free_bytes=args.assume_free_bytes,
+            progress=not args.no_progress,
         )
         check_teacher_snapshot(plan)  # weights' headers and tokenizer: a damaged snapshot leaves no folder behind
         arrays = open_out_dir(plan)  # the cache's disk space is reserved here, before the teacher loads

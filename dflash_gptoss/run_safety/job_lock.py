@@ -137,8 +137,7 @@ def acquire_for_job(directory: str | os.PathLike, purpose: str) -> DirLock | Non
 
     if not is_multiprocess():
         return acquire(directory, purpose)
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from dflash_gptoss.distributed import broadcast_message
 
     lock, message = None, ""
     if is_main_process():
@@ -146,8 +145,6 @@ def acquire_for_job(directory: str | os.PathLike, purpose: str) -> DirLock | Non
             lock = acquire(directory, purpose)
         except LockHeldError as e:
             message = str(e)
-    encoded = np.frombuffer(message.encode()[:4096].ljust(4096, b"\0"), dtype=np.uint8)
-    shared = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode(errors="replace")
-    if shared:
+    if shared := broadcast_message(message):
         raise LockHeldError(shared)
     return lock
