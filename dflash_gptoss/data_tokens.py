@@ -140,6 +140,14 @@ def write_token_file(path: Path, records: Records, *, eos_id: int, source: dict[
     write_manifest(path, kind=KIND)  # last: only a finished token file has one
 
 
+def _remove_if_empty(path: Path) -> None:
+    """A refused or failed first tokenization leaves no trace: the folder goes if it holds only its lock."""
+    from dflash_gptoss.run_safety.job_lock import LOCK_NAME
+
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {LOCK_NAME}:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def token_file_for(data: str | os.PathLike, snapshot_dir: Path, cfg: dict[str, Any], records: Callable[[], Records],
                    *, eos_id: Callable[[], int], progress: bool = False) -> TokenFile:
     """The token file of ``data``: opened when it is there and matches; else made once from ``records()``.
@@ -149,7 +157,7 @@ def token_file_for(data: str | os.PathLike, snapshot_dir: Path, cfg: dict[str, A
     waits on the lock, then reads what the first wrote.
     """
     from dflash_gptoss.run_safety.integrity import MANIFEST_NAME
-    from dflash_gptoss.run_safety.job_lock import LOCK_NAME, acquire
+    from dflash_gptoss.run_safety.job_lock import acquire
 
     data = Path(data).absolute()
     path = token_file_dir(data)
@@ -178,8 +186,15 @@ def token_file_for(data: str | os.PathLike, snapshot_dir: Path, cfg: dict[str, A
                 with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {data.name}",
                           disable=None if progress else True) as bar:
                     write_token_file(path, stream, eos_id=eos, source=want, progress=bar.update)
+        except OSError as e:  # a full disk, above all: one line naming the folder; the JSONL is untouched
+            from dflash_gptoss.run_safety.preflight import write_failure_message
+
+            if e.filename is None:
+                e.filename = str(path)
+            _remove_if_empty(path)
+            raise TokenFileError(write_failure_message(e, f"tokenizing --data {data}") + " Free space and run "
+                                 "again: the token file is made afresh.") from e
         except BaseException:
-            if {p.name for p in path.iterdir()} <= {LOCK_NAME}:
-                shutil.rmtree(path, ignore_errors=True)  # a refused or failed first tokenization leaves no trace
+            _remove_if_empty(path)
             raise
     return open_token_file(path, want)

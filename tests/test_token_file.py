@@ -6,7 +6,9 @@ tests cover text records through the tiny teacher's tokenizer.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,26 @@ def test_a_killed_tokenization_is_not_read_and_the_next_run_makes_it(tmp_path: P
     tokens, _ = load_token_stream(data, tmp_path, CFG)
     assert np.array_equal(tokens, _expected(DOCS)[0])
     assert not list(token_file_dir(data).glob(".tmp-*"))
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    from dflash_gptoss import data_tokens
+
+    data = _write(tmp_path / "d.jsonl", DOCS)
+
+    real_fsync = data_tokens.os.fsync
+
+    def full(fd: int) -> None:  # the disk fills under the token file's own writes (not the lock's)
+        if ".tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(data_tokens.os, "fsync", full)
+    with pytest.raises(CacheBuildError) as caught:
+        load_token_stream(data, tmp_path, CFG)
+    message = str(caught.value)
+    assert "\n" not in message and "the disk is full" in message and str(token_file_dir(data)) in message, message
+    assert "Free space and run again" in message
+    assert not token_file_dir(data).exists()
+    monkeypatch.undo()
+    assert np.array_equal(load_token_stream(data, tmp_path, CFG)[0], _expected(DOCS)[0])
